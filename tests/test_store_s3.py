@@ -1,0 +1,499 @@
+"""S3Store against a real S3 endpoint on 127.0.0.1 (moto in server mode; boto3 talks
+HTTP to it unchanged). Faults: interrupted multipart uploads (in-process and a SIGKILLed
+writer), a corrupted object, the endpoint dying mid-upload, an endpoint that never
+answers, and credentials leaking into logs or files."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import types
+import uuid
+from pathlib import Path
+
+import boto3
+import pytest
+from moto.server import ThreadedMotoServer
+
+from merit_core.config import StoreConfig
+from merit_core.manifest import MANIFEST_NAME
+from merit_core.store import (
+    CorruptArtifactError,
+    IncompleteArtifactError,
+    ObjectNotFoundError,
+    S3Store,
+    StoreError,
+    TransferSettings,
+    open_store,
+)
+
+ACCESS_KEY = "AKIAMERITTESTLEAK4242"
+SECRET_KEY = "merit-test-secret-DO-NOT-LEAK-7f3a9c"
+MiB = 1024 * 1024
+# Smallest legal multipart settings (S3 parts are >= 5 MiB) and a tight retry budget.
+SMALL = TransferSettings(
+    multipart_threshold=5 * MiB,
+    multipart_chunksize=5 * MiB,
+    max_concurrency=2,
+    max_attempts=3,
+    connect_timeout=1,
+    read_timeout=5,
+)
+KEY = "runs/r1/branches/0"
+
+
+@pytest.fixture(scope="module")
+def endpoint():
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture(autouse=True)
+def aws_env(monkeypatch, tmp_path):
+    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+
+
+def raw_client(endpoint: str):
+    return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+
+
+@pytest.fixture()
+def bucket(endpoint):
+    name = f"merit-{uuid.uuid4().hex[:12]}"
+    raw_client(endpoint).create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture()
+def make_store(endpoint, bucket, tmp_path):
+    def make(cache: str = "cache", **kw) -> S3Store:
+        kw.setdefault("transfer", SMALL)
+        return S3Store(
+            bucket,
+            "merit/test",
+            endpoint_url=endpoint,
+            region="us-east-1",
+            addressing_style="path",
+            cache_dir=tmp_path / cache,
+            **kw,
+        )
+
+    return make
+
+
+def write_checkpoint(d: Path) -> dict[str, bytes]:
+    """A sharded HF-style checkpoint; the shards are above the multipart threshold."""
+    rng = os.urandom
+    files = {
+        "model-00001-of-00002.safetensors": rng(12 * MiB + 123),  # 3 parts
+        "model-00002-of-00002.safetensors": rng(6 * MiB),  # 2 parts
+        "model.safetensors.index.json": json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors"}}).encode(),
+        "config.json": b'{"model_type": "llama"}',
+        "tokenizer/tokenizer.json": b'{"version": "1.0"}',
+    }
+    d.mkdir(parents=True, exist_ok=True)
+    for rel, data in files.items():
+        (d / rel).parent.mkdir(parents=True, exist_ok=True)
+        (d / rel).write_bytes(data)
+    return files
+
+
+def count_calls(store: S3Store, op: str) -> list[int]:
+    calls = [0]
+
+    def hook(**_):
+        calls[0] += 1
+
+    store.client.meta.events.register(f"before-call.s3.{op}", hook)
+    return calls
+
+
+# --------------------------------------------------------------------------- round trip
+
+
+def test_round_trip_sharded_checkpoint(make_store, endpoint, bucket):
+    store = make_store()
+    d = store.staging_dir(KEY)
+    assert d.is_dir() and list(d.iterdir()) == []
+    files = write_checkpoint(d)
+    parts = count_calls(store, "UploadPart")
+    uri = store.commit_dir(KEY, d, {"trained_tokens": 1234})
+    assert uri == f"s3://{bucket}/merit/test/{KEY}"
+    assert parts[0] == 5  # 3 + 2 parts: the shards went multipart
+    assert not d.exists()  # the staging dir is cleaned up after the upload
+    raw = raw_client(endpoint)
+    etag = raw.head_object(Bucket=bucket, Key=f"merit/test/{KEY}/model-00001-of-00002.safetensors")["ETag"]
+    assert etag.strip('"').endswith("-3")
+    assert store.is_complete(KEY) and store.list_complete("runs") == [KEY] and store.list_complete() == [KEY]
+
+    reader = make_store("reader-cache")  # another worker: empty cache
+    got = reader.fetch_dir(KEY)
+    assert {r: (got / r).read_bytes() for r in files} == files
+    manifest = json.loads((got / MANIFEST_NAME).read_text())
+    assert manifest["metadata"] == {"trained_tokens": 1234} and set(manifest["files"]) == set(files)
+
+    gets = count_calls(reader, "GetObject")
+    heads = count_calls(reader, "HeadObject")
+    assert reader.fetch_dir(KEY) == got  # cached by hash: only the manifest is read again
+    assert gets[0] == 1 and heads[0] == 0
+
+
+def test_overwrite_removes_stale_objects_and_refuses_nesting(make_store, endpoint, bucket):
+    store = make_store()
+    d = store.staging_dir(KEY)
+    (d / "old.bin").write_bytes(b"old")
+    (d / "config.json").write_bytes(b"{}")
+    store.commit_dir(KEY, d)
+    d = store.staging_dir(KEY)
+    (d / "config.json").write_bytes(b'{"v": 2}')
+    store.commit_dir(KEY, d)
+    keys = {o["Key"] for o in raw_client(endpoint).list_objects_v2(Bucket=bucket)["Contents"]}
+    assert keys == {f"merit/test/{KEY}/config.json", f"merit/test/{KEY}/{MANIFEST_NAME}"}
+    assert (store.fetch_dir(KEY) / "config.json").read_bytes() == b'{"v": 2}'
+    outer = store.staging_dir("runs/r1")
+    (outer / "x").write_bytes(b"x")
+    with pytest.raises(StoreError, match="must not nest"):
+        store.commit_dir("runs/r1", outer)
+
+
+def test_single_objects_list_and_delete(make_store, tmp_path):
+    store = make_store()
+    store.put_json("runs/r1/report/report.json", {"acc": 0.5})
+    assert store.get_json("runs/r1/report/report.json") == {"acc": 0.5}
+    assert store.exists("runs/r1/report/report.json") and not store.exists("runs/r1/nope.json")
+    with pytest.raises(ObjectNotFoundError, match="nope.json"):
+        store.get_json("runs/r1/nope.json")
+    src = tmp_path / "big.npy"
+    src.write_bytes(os.urandom(6 * MiB))  # multipart both ways
+    store.put_file("sketches/m/s.npy", src)
+    assert store.get_file("sketches/m/s.npy", tmp_path / "out.npy").read_bytes() == src.read_bytes()
+    with pytest.raises(ObjectNotFoundError):
+        store.get_file("sketches/m/none.npy", tmp_path / "x")
+    for k in ("runs/r1/branches/0", "runs/r1/branches/1", "runs/r2/merged"):
+        d = store.staging_dir(k)
+        (d / "a.txt").write_text(k)
+        store.commit_dir(k, d)
+    assert store.list_complete("runs/r1") == ["runs/r1/branches/0", "runs/r1/branches/1"]
+    assert store.list_complete("runs/r1/branches/1") == ["runs/r1/branches/1"]
+    store.delete_prefix("runs/r1")
+    assert store.list_complete() == ["runs/r2/merged"] and not store.exists("runs/r1/report/report.json")
+    assert store.exists("sketches/m/s.npy")
+
+
+# --------------------------------------------------------------------------- faults
+
+
+def test_interrupted_multipart_upload_leaves_no_manifest(make_store, endpoint, bucket):
+    store = make_store()
+    d = store.staging_dir(KEY)
+    (d / "config.json").write_bytes(b"{}")
+    store.commit_dir(KEY, d)  # an older complete version
+    assert store.is_complete(KEY)
+
+    d = store.staging_dir(KEY)
+    write_checkpoint(d)
+    parts = [0]
+
+    def crash_after_two_parts(**_):
+        parts[0] += 1
+        if parts[0] > 2:
+            raise RuntimeError("simulated worker crash during multipart upload")
+
+    store.client.meta.events.register("before-call.s3.UploadPart", crash_after_two_parts)
+    with pytest.raises(RuntimeError, match="simulated worker crash"):
+        store.commit_dir(KEY, d)
+
+    reader = make_store("reader-cache")
+    assert not reader.is_complete(KEY)
+    assert reader.list_complete("runs") == []
+    with pytest.raises(IncompleteArtifactError, match=f"merit/test/{KEY}"):
+        reader.fetch_dir(KEY)
+    # boto3's transfer manager aborted the multipart upload it had started
+    assert raw_client(endpoint).list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+
+    store.client.meta.events.unregister("before-call.s3.UploadPart", crash_after_two_parts)
+    files = {p.relative_to(d).as_posix(): p.read_bytes() for p in d.rglob("*") if p.is_file()}
+    store.commit_dir(KEY, d)  # a retry commits normally
+    got = reader.fetch_dir(KEY)
+    assert {r: (got / r).read_bytes() for r in files} == files
+
+
+WRITER = textwrap.dedent(
+    """
+    import os, signal, sys
+    from pathlib import Path
+    from merit_core.store import S3Store, TransferSettings
+    endpoint, bucket, cache = sys.argv[1:4]
+    MiB = 1024 * 1024
+    store = S3Store(bucket, "merit/test", endpoint_url=endpoint, region="us-east-1",
+                    addressing_style="path", cache_dir=cache,
+                    transfer=TransferSettings(multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB,
+                                              max_concurrency=1, max_attempts=2))
+    d = store.staging_dir("runs/r1/branches/0")
+    (d / "config.json").write_bytes(b"{}")
+    (d / "model-00001-of-00001.safetensors").write_bytes(os.urandom(16 * MiB))
+    n = [0]
+    def preempt(**_):
+        n[0] += 1
+        if n[0] == 3:
+            os.kill(os.getpid(), signal.SIGKILL)  # the worker is preempted: no cleanup at all
+    store.client.meta.events.register("before-call.s3.UploadPart", preempt)
+    store.commit_dir("runs/r1/branches/0", d)
+    print("not killed")
+    """
+)
+
+
+def test_killed_writer_leaves_no_manifest(make_store, endpoint, bucket, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-c", WRITER, endpoint, bucket, str(tmp_path / "writer-cache")],
+        capture_output=True, text=True, timeout=60, env=os.environ.copy(),
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr
+    raw = raw_client(endpoint)
+    objects = [o["Key"] for o in raw.list_objects_v2(Bucket=bucket).get("Contents", [])]
+    assert f"merit/test/{KEY}/config.json" in objects  # some files did land ...
+    assert f"merit/test/{KEY}/{MANIFEST_NAME}" not in objects  # ... but never the manifest
+    assert raw.list_multipart_uploads(Bucket=bucket).get("Uploads")  # dangling parts (lifecycle rule)
+    reader = make_store()
+    assert not reader.is_complete(KEY) and reader.list_complete() == []
+    with pytest.raises(IncompleteArtifactError, match=f"{KEY}.*incomplete"):
+        reader.fetch_dir(KEY)
+
+
+def test_corrupted_object_detected_with_key_named(make_store, endpoint, bucket):
+    store = make_store()
+    d = store.staging_dir(KEY)
+    write_checkpoint(d)
+    store.commit_dir(KEY, d)
+    raw = raw_client(endpoint)
+    obj = f"merit/test/{KEY}/model-00002-of-00002.safetensors"
+    data = bytearray(raw.get_object(Bucket=bucket, Key=obj)["Body"].read())
+    data[len(data) // 2] ^= 0x01  # one byte changed, same size
+    raw.put_object(Bucket=bucket, Key=obj, Body=bytes(data))
+    reader = make_store("reader-cache")
+    with pytest.raises(CorruptArtifactError, match=rf"corrupted object s3://{bucket}/{obj}"):
+        reader.fetch_dir(KEY)
+    blobs = reader.local_cache_dir / "blobs"
+    assert not [p for p in blobs.rglob("*") if p.is_file() and ".tmp-" in p.name]  # nothing half-kept
+    assert not (reader.local_cache_dir / "s3").exists() or not list((reader.local_cache_dir / "s3").rglob(MANIFEST_NAME))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_endpoint_going_away_mid_upload_fails_fast(bucket, tmp_path):
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                raw_client(endpoint).create_bucket(Bucket=bucket)
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        store = S3Store(bucket, "merit/test", endpoint_url=endpoint, addressing_style="path",
+                        cache_dir=tmp_path / "cache", transfer=SMALL)
+        d = store.staging_dir(KEY)
+        write_checkpoint(d)
+
+        def kill_server(**_):
+            if server.poll() is None:
+                server.kill()
+                server.wait()
+
+        store.client.meta.events.register("before-call.s3.UploadPart", kill_server)
+        t0 = time.monotonic()
+        with pytest.raises(StoreError) as err:
+            store.commit_dir(KEY, d)
+        elapsed = time.monotonic() - t0
+        msg = str(err.value)
+        assert bucket in msg and KEY in msg and "attempts" in msg
+        assert elapsed < 30, f"took {elapsed:.1f} s"
+        print(f"\nFAULT endpoint killed mid-upload: {elapsed:.2f}s: {msg}")
+
+        t0 = time.monotonic()
+        with pytest.raises(StoreError, match=f"{bucket}.*{KEY}"):
+            store.is_complete(KEY)  # unreachable is an error, never "not complete"
+        with pytest.raises(StoreError, match="Could not connect"):
+            store.fetch_dir(KEY)
+        assert time.monotonic() - t0 < 20
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+
+
+def test_unresponsive_endpoint_times_out(tmp_path):
+    """A server that accepts connections but never answers: read timeouts, bounded retries."""
+    with socket.socket() as lsock:
+        lsock.bind(("127.0.0.1", 0))
+        lsock.listen(16)  # never accept(): the kernel completes the handshake, nobody replies
+        port = lsock.getsockname()[1]
+        store = S3Store("silent", "p", endpoint_url=f"http://127.0.0.1:{port}", addressing_style="path",
+                        cache_dir=tmp_path / "cache",
+                        transfer=TransferSettings(max_attempts=2, connect_timeout=1, read_timeout=1))
+        t0 = time.monotonic()
+        with pytest.raises(StoreError, match=r"silent.*runs/x/report.json.*(timeout|Read timeout)") as err:
+            store.put_json("runs/x/report.json", {"a": 1})
+        print(f"\nFAULT silent endpoint: {time.monotonic() - t0:.2f}s: {err.value}")
+        assert time.monotonic() - t0 < 15
+
+
+# --------------------------------------------------------------------------- credentials
+
+
+def test_credentials_absent_from_logs_files_and_repr(make_store, endpoint, bucket, tmp_path, caplog):
+    caplog.set_level(logging.DEBUG)  # everything, botocore included
+    store = make_store()
+    d = store.staging_dir(KEY)
+    (d / "config.json").write_bytes(b"{}")
+    (d / "model.safetensors").write_bytes(os.urandom(6 * MiB))
+    store.commit_dir(KEY, d, {"note": "meta"})
+    store.put_json("runs/r1/report/report.json", {"ok": True})
+    fetched = store.fetch_dir(KEY)
+    with pytest.raises(IncompleteArtifactError) as err:
+        store.fetch_dir("runs/r1/branches/9")
+
+    ours = [r for r in caplog.records if r.name.startswith("merit")]
+    assert ours, "merit_core.store logs its transfers at DEBUG"
+    for r in ours:
+        assert ACCESS_KEY not in r.getMessage() and SECRET_KEY not in r.getMessage()
+    # botocore's own DEBUG output shows the access key id in the Authorization header
+    # (that is botocore's choice, documented); the secret never appears anywhere.
+    assert all(SECRET_KEY not in r.getMessage() for r in caplog.records)
+    assert SECRET_KEY not in caplog.text
+    for text in (repr(store), str(store), store.uri, str(err.value), json.dumps(store.__getstate__(), default=str)):
+        assert ACCESS_KEY not in text and SECRET_KEY not in text
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and "no-aws" not in p.name]
+    assert any(p.name == MANIFEST_NAME for p in written) and fetched.is_dir()
+    for p in written:
+        b = p.read_bytes()
+        assert ACCESS_KEY.encode() not in b and SECRET_KEY.encode() not in b, p
+    raw = raw_client(endpoint)
+    for o in raw.list_objects_v2(Bucket=bucket)["Contents"]:
+        b = raw.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()
+        assert ACCESS_KEY.encode() not in b and SECRET_KEY.encode() not in b, o["Key"]
+
+
+BLOCK_KEY = "AKIABLOCKCREDS000042"
+BLOCK_SECRET = "block-secret-never-logged-99"
+
+
+class _FakeDoc:
+    def __init__(self, data):
+        self.data = data
+
+
+class _FakePrefectClient:
+    docs: dict = {}
+
+    def __init__(self, *a, **kw):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def read_block_document_by_name(self, name, block_type_slug, include_secrets=True):
+        from prefect.exceptions import ObjectNotFound
+
+        assert block_type_slug == "aws-credentials" and include_secrets
+        if name not in self.docs:
+            raise ObjectNotFound(http_exc=Exception("404"))
+        return _FakeDoc(self.docs[name])
+
+
+def _authorization_headers(store: S3Store) -> list[str]:
+    seen: list[str] = []
+    store.client.meta.events.register(
+        "before-send.s3.*", lambda request, **_: seen.append(str(request.headers.get("Authorization", "")))
+    )
+    return seen
+
+
+def test_prefect_block_credentials_without_prefect_aws(monkeypatch, endpoint, bucket, tmp_path, caplog):
+    import prefect.client.orchestration as orchestration
+
+    monkeypatch.setitem(sys.modules, "prefect_aws", None)  # prefect-aws not installed
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    monkeypatch.setattr(orchestration, "get_client", _FakePrefectClient)
+    monkeypatch.setattr(
+        _FakePrefectClient,
+        "docs",
+        {
+            "merit-s3": {"aws_access_key_id": BLOCK_KEY, "aws_secret_access_key": BLOCK_SECRET, "region_name": "us-east-1"},
+            "assumes-role": {"assume_role_arn": "arn:aws:iam::123456789012:role/x"},
+        },
+    )
+    caplog.set_level(logging.DEBUG, logger="merit_core")
+
+    def cfg(block):
+        return StoreConfig(uri=f"s3://{bucket}/p", endpoint_url=endpoint, addressing_style="path", credentials_block=block)
+
+    store = open_store(cfg("merit-s3"), cache_dir=tmp_path / "cache")
+    auth = _authorization_headers(store)
+    store.put_json("runs/r/x.json", {"a": 1})
+    assert store.get_json("runs/r/x.json") == {"a": 1}
+    assert auth and all(f"Credential={BLOCK_KEY}/" in a for a in auth)
+    assert BLOCK_KEY not in repr(store) and BLOCK_SECRET not in repr(store) and "merit-s3" not in repr(store)
+    assert BLOCK_SECRET not in caplog.text and BLOCK_KEY not in caplog.text
+
+    with pytest.raises(StoreError, match="aws-credentials/missing not found"):
+        open_store(cfg("missing"), cache_dir=tmp_path / "cache").exists("runs/r/x.json")
+    with pytest.raises(StoreError, match="assume_role_arn.*prefect-aws"):
+        open_store(cfg("assumes-role"), cache_dir=tmp_path / "cache").exists("runs/r/x.json")
+
+
+def test_prefect_block_credentials_with_prefect_aws(monkeypatch, endpoint, bucket, tmp_path):
+    loaded = []
+
+    class AwsCredentials:
+        @classmethod
+        def load(cls, name):
+            loaded.append(name)
+            return cls()
+
+        def get_boto3_session(self):
+            return boto3.Session(aws_access_key_id=BLOCK_KEY, aws_secret_access_key=BLOCK_SECRET)
+
+    monkeypatch.setitem(sys.modules, "prefect_aws", types.SimpleNamespace(AwsCredentials=AwsCredentials))
+    store = open_store(
+        StoreConfig(uri=f"s3://{bucket}", endpoint_url=endpoint, region="us-east-1", addressing_style="path",
+                    credentials_block="merit-s3"),
+        cache_dir=tmp_path / "cache",
+    )
+    assert loaded == []  # resolved lazily, on first use
+    auth = _authorization_headers(store)
+    assert not store.exists("runs/none.json")
+    assert loaded == ["merit-s3"] and auth and f"Credential={BLOCK_KEY}/" in auth[0]
