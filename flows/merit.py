@@ -1,0 +1,128 @@
+"""The MERIT pipeline as Prefect 3 flows (Algorithm 1 of arXiv 2606.01717).
+
+``merit`` (deployment ``merit/full``) reads top to bottom like Algorithm 1:
+conflict estimation -> PCA split into K = 2^r groups -> one branch per group, trained
+with no communication -> one-shot token-weighted merge -> evaluation and report.
+``merit-branch`` trains one partition; it is a flow so each branch is its own flow run
+(in-process, in its own OS process, or on its own worker through a deployment).
+"""
+
+
+import os
+import time
+from contextlib import contextmanager
+
+from prefect import flow, get_run_logger, task
+from prefect.runtime import flow_run
+from prefect.task_runners import ProcessPoolTaskRunner
+
+from merit_core.artifacts import BranchCheckpoint, MixtureManifest, ModelRef, StageTiming
+from merit_core.config import MeritConfig
+from merit_core.store import safe_key
+from tasks import (
+    conflict_task,
+    evaluate_task,
+    merge_task,
+    prepare_base_task,
+    report_task,
+    resolve_mixture_task,
+    source_gradient_task,
+    split_task,
+    train_branch_task,
+)
+
+
+@flow(name="merit-branch", flow_run_name="{label}-branch-{index}")
+def merit_branch(config: MeritConfig, base: ModelRef, mixture: MixtureManifest, sources: list[str],
+                 run_id: str, label: str, index: int) -> BranchCheckpoint:
+    """Fine-tune one copy of θ(0) on the union of ``sources`` (spec step 4)."""
+    return train_branch_task(config, base, mixture, sources, run_id, label, index)
+
+
+@task(name="branch-process", task_run_name="branch-process-{label}-{index}")
+def _branch_in_process(config: MeritConfig, base: ModelRef, mixture: MixtureManifest, sources: list[str],
+                       run_id: str, label: str, index: int) -> BranchCheckpoint:
+    return merit_branch(config, base, mixture, sources, run_id, label, index)
+
+
+def run_branches(config: MeritConfig, base: ModelRef, mixture: MixtureManifest, groups: list[list[str]],
+                 run_id: str, label: str) -> list[BranchCheckpoint]:
+    """Train one branch per group, independently, as ``config.run.branch_execution`` says."""
+    mode = config.run.branch_execution
+    args = [dict(config=config, base=base, mixture=mixture, sources=g, run_id=run_id, label=label, index=k)
+            for k, g in enumerate(groups)]
+    if mode == "local":
+        return [merit_branch(**a) for a in args]
+    if mode == "processes":
+        workers = min(config.run.max_parallel_branches, len(groups))
+        if config.train.threads is None:
+            per = max(1, (os.cpu_count() or 1) // workers)
+            config = config.model_copy(update={"train": config.train.model_copy(update={"threads": per})})
+            args = [{**a, "config": config} for a in args]
+        with ProcessPoolTaskRunner(max_workers=workers) as runner:
+            futures = [runner.submit(_branch_in_process, parameters=a) for a in args]
+            return [f.result() for f in futures]
+    raise ValueError(
+        f"run.branch_execution={mode!r} is not available in this version; use 'local' or 'processes'"
+    )
+
+
+@flow(name="merit", flow_run_name="merit-{config.run.name}", log_prints=True)
+def merit(config: MeritConfig) -> dict:
+    """Run MERIT end to end on ``config`` and return the report (also in the store)."""
+    log = get_run_logger()
+    run_id = safe_key(f"{config.run.name}-{(flow_run.get_id() or 'local')[:8]}")
+    timings: list[StageTiming] = []
+
+    @contextmanager
+    def stage(name: str):
+        t0 = time.perf_counter()
+        yield
+        timings.append(StageTiming(stage=name, seconds=time.perf_counter() - t0))
+        log.info("stage %s: %.1f s", name, timings[-1].seconds)
+
+    with stage("prepare base θ(0)"):
+        base = prepare_base_task(config)
+    with stage("resolve mixture"):
+        mixture = resolve_mixture_task(config, base)
+
+    # 1. Conflict estimation: g_t at θ(0) per source (cached), cosine matrix C.
+    with stage("source gradients"):
+        sketches = [source_gradient_task(config, base, s) for s in mixture.sources]
+        log.info("source gradients: %d computed, %d reused from cache",
+                 sum(not s.cached for s in sketches), sum(s.cached for s in sketches))
+    with stage("conflict matrix"):
+        conflict = conflict_task(config, sketches)
+
+    # 2-3. PCA of C and recursive weighted-median split into K = 2^r groups.
+    with stage("split"):
+        partition = split_task(config, conflict, mixture)
+
+    # 4. One branch per group from θ(0), no communication between branches.
+    with stage("train MERIT branches"):
+        branches = {"merit": run_branches(config, base, mixture, partition.groups, run_id, "merit")}
+    # 5. One-shot token-weighted merge.
+    with stage("merge"):
+        models = {"base": base, "merit": merge_task(config, base, branches["merit"], run_id, "merit")}
+
+    # Baselines: joint training (K = 1, same data) and a random split merged the same way.
+    if config.baselines.joint:
+        with stage("train joint baseline"):
+            branches["joint"] = run_branches(config, base, mixture, [mixture.names], run_id, "joint")
+            models["joint"] = ModelRef(key=branches["joint"][0].key, uri=branches["joint"][0].uri, label="joint")
+    if config.baselines.random_split and partition.k > 1:
+        with stage("train random-split baseline"):
+            rnd = split_task(config, conflict, mixture, strategy="random")
+            branches["random"] = run_branches(config, base, mixture, rnd.groups, run_id, "random")
+            models["random"] = merge_task(config, base, branches["random"], run_id, "random")
+
+    # 6. Evaluate every model on the held-out part of every source.
+    with stage("evaluate"):
+        tables = {label: evaluate_task(config, ref.model_copy(update={"label": label}), mixture)
+                  for label, ref in models.items()}
+
+    report = report_task(config, run_id, mixture=mixture, conflict=conflict, partition=partition,
+                         tables=tables, branches=branches, timings=timings,
+                         extra={"models": {k: v.model_dump() for k, v in models.items()}})
+    log.info("report: %s", report["report_uri"])
+    return report

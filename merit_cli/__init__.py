@@ -1,0 +1,1 @@
+"""The `merit` command line (typer)."""

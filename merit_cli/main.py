@@ -1,0 +1,125 @@
+"""`merit` command line: run the pipeline, or one stage on existing artifacts.
+
+    merit run CONFIG [--set a.b=c ...]     the whole `merit` flow (Prefect, in-process)
+    merit mixture CONFIG                   print the resolved mixture
+    merit split CONFIG                     source gradients (cached) -> C -> partition
+    merit merge OUT IN... --weights ...    merge HF checkpoints
+    merit eval MODEL_DIR CONFIG            held-out metrics of one model
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="MERIT: conflict-aware splitting and merging.")
+
+ConfigArg = Annotated[Path, typer.Argument(help="MeritConfig YAML file, e.g. configs/demo.yaml")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a field: key.path=value (repeatable)")]
+
+
+def _load(config: Path, overrides: list[str] | None):
+    from merit_core.config import ConfigError, load_config
+
+    try:
+        return load_config(config, overrides or [])
+    except ConfigError as e:
+        typer.secho(str(e), fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@app.command()
+def run(config: ConfigArg, set_: SetOpt = None) -> None:
+    """Run the whole MERIT pipeline (flow `merit`) and print the per-source table."""
+    cfg = _load(config, set_)
+    from flows.merit import merit
+    from merit_core.report import metrics_markdown
+
+    report = merit(cfg)
+    typer.echo("\n" + metrics_markdown(report["metrics"]))
+    typer.echo("\nstage timings (s): " + ", ".join(f"{t['stage']} {t['seconds']:.0f}" for t in report["timings"]))
+    typer.echo(f"report: {report['report_uri']}")
+
+
+@app.command()
+def mixture(config: ConfigArg, set_: SetOpt = None) -> None:
+    """Resolve the training mixture and print per-source examples, tokens, truncation."""
+    cfg = _load(config, set_)
+    _setup_logging()
+    from merit_core import stages
+    from merit_core.report import _mixture_table
+
+    base = stages.prepare_base(cfg)
+    m = stages.resolve_mixture(cfg, base)
+    typer.echo(_mixture_table(m))
+
+
+@app.command()
+def split(config: ConfigArg, set_: SetOpt = None) -> None:
+    """Compute (or reuse) every source gradient, the conflict matrix and the partition."""
+    cfg = _load(config, set_)
+    _setup_logging()
+    from merit_core import stages
+
+    base = stages.prepare_base(cfg)
+    m = stages.resolve_mixture(cfg, base)
+    sketches = [stages.source_gradient(cfg, base, s) for s in m.sources]
+    report = stages.conflict(cfg, sketches)
+    part = stages.split(cfg, report, m)
+    typer.echo(json.dumps(part.model_dump(), indent=2))
+
+
+@app.command()
+def merge(
+    output: Annotated[Path, typer.Argument(help="Output HF directory")],
+    inputs: Annotated[list[Path], typer.Argument(help="Input HF model directories θ_k")],
+    weights: Annotated[Optional[str], typer.Option(help="Comma-separated N_k (token counts)")] = None,
+    method: Annotated[str, typer.Option(help="token_weighted, uniform, task_arithmetic, ties, dare")] = "token_weighted",
+    base: Annotated[Optional[Path], typer.Option(help="θ(0) dir (task_arithmetic/ties/dare)")] = None,
+) -> None:
+    """Merge K checkpoints into one HF directory (streaming, manifest written last)."""
+    _setup_logging()
+    from merit_core.merge import merge_checkpoints
+
+    w = [float(x) for x in weights.split(",")] if weights else None
+    out = merge_checkpoints(inputs, w, output, method=method, base=base)
+    typer.echo(f"merged {len(inputs)} checkpoints -> {out}")
+
+
+@app.command("eval")
+def eval_(
+    model_dir: Annotated[Path, typer.Argument(help="HF model directory to evaluate")],
+    config: ConfigArg,
+    set_: SetOpt = None,
+) -> None:
+    """Evaluate one model on the held-out split of every source of CONFIG's mixture."""
+    cfg = _load(config, set_)
+    _setup_logging()
+    from merit_core import stages
+    from merit_core.evaluate import evaluate_dir
+
+    base = stages.prepare_base(cfg)
+    m = stages.resolve_mixture(cfg, base)
+    store = stages.store_for(cfg)
+    heldout = {s.name: stages.load_split(store, s, "heldout") for s in m.sources}
+    table = evaluate_dir(model_dir, heldout, batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
+                         generate=cfg.eval.generate, multiple_choice=cfg.eval.multiple_choice,
+                         max_examples_per_source=cfg.eval.max_examples_per_source)
+    typer.echo(table.to_markdown())
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,350 @@
+"""What each pipeline stage does with the store: read inputs, call the method, commit
+outputs. Prefect-free; ``tasks/`` wraps each function in a @task, the CLI calls them
+directly to run one stage on existing artifacts.
+
+Every stage is idempotent: if its output directory is already complete in the store
+(manifest present), it returns the existing reference instead of recomputing, so a
+retried task or a re-run flow never redoes finished work.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from merit_core.artifacts import (
+    BranchCheckpoint,
+    ConflictReport,
+    MixtureManifest,
+    ModelRef,
+    Partition,
+    SketchRef,
+    SourceInfo,
+    read_examples,
+    write_examples,
+)
+from merit_core.config import MeritConfig
+from merit_core.data.types import TokenizedExample
+from merit_core.store import ArtifactStore, open_store, safe_key
+
+logger = logging.getLogger("merit")
+
+
+def cache_root() -> Path:
+    """Local cache for converted models and work dirs (``$MERIT_CACHE_DIR`` or
+    ``~/.cache/merit``)."""
+    return Path(os.environ.get("MERIT_CACHE_DIR", Path.home() / ".cache" / "merit"))
+
+
+def store_for(cfg: MeritConfig) -> ArtifactStore:
+    """The artifact store of a run (local directory or S3), from ``cfg.store``."""
+    return open_store(cfg.store)
+
+
+# --- prepare base -------------------------------------------------------------------
+
+
+def prepare_base(cfg: MeritConfig) -> ModelRef:
+    """Resolve θ(0) (GGUF conversion, local dir or hub id) and put it in the store under
+    ``models/<sha>``.
+
+    Returns:
+        ModelRef with the weights' sha256 (the cache key of every source gradient).
+    """
+    from merit_core.models import model_sha256, resolve_model_source
+
+    store = store_for(cfg)
+    local = Path(resolve_model_source(cfg.model, cache_root() / "models"))
+    sha = model_sha256(local)
+    key = safe_key("models", sha)
+    if not store.is_complete(key):
+        staging = store.staging_dir(key)
+        for p in local.iterdir():
+            if p.is_file() and p.name != "manifest.json":
+                shutil.copy2(p, staging / p.name)
+        store.commit_dir(key, staging, metadata={"kind": "base", "source": cfg.model.source, "sha256": sha})
+    return ModelRef(key=key, uri=store.uri_for(key), sha256=sha, label="base")
+
+
+def load_base_tokenizer(store: ArtifactStore, base: ModelRef):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(store.fetch_dir(base.key))
+
+
+# --- resolve mixture ---------------------------------------------------------------
+
+
+def resolve_mixture(cfg: MeritConfig, base: ModelRef) -> MixtureManifest:
+    """Load, tokenize and split every source; store the tokenized splits under
+    ``data/<content-hash>/`` (train.jsonl, heldout.jsonl, calibration.jsonl)."""
+    from merit_core.data import resolve_mixture as _resolve
+
+    store = store_for(cfg)
+    tokenizer = load_base_tokenizer(store, base)
+    mixture = _resolve(cfg.data, tokenizer, cfg.conflict.calibration_size)
+    infos = []
+    for name in mixture.names:
+        sd = mixture.sources[name]
+        key = safe_key("data", sd.content_hash)
+        if not store.is_complete(key):
+            staging = store.staging_dir(key)
+            write_examples(staging / "train.jsonl", sd.train)
+            write_examples(staging / "heldout.jsonl", sd.heldout)
+            write_examples(staging / "calibration.jsonl", sd.calibration)
+            store.commit_dir(key, staging, metadata={"kind": "tokenized-source", "source": name})
+        st = sd.stats
+        spec = next(s for s in cfg.data.sources if s.name == name)
+        infos.append(
+            SourceInfo(
+                name=name,
+                kind=spec.kind,
+                content_hash=sd.content_hash,
+                key=key,
+                examples=st.examples,
+                train=st.train_examples,
+                heldout=st.heldout_examples,
+                calibration=st.calibration_examples,
+                loss_tokens=st.loss_tokens,
+                truncated=st.truncated,
+                dropped=st.dropped,
+                has_options=any(e.example is not None and e.example.options for e in sd.heldout),
+            )
+        )
+    return MixtureManifest(sources=infos)
+
+
+def load_split(store: ArtifactStore, source: SourceInfo, split: str) -> list[TokenizedExample]:
+    """Tokenized examples of one split (``train``/``heldout``/``calibration``) of a source."""
+    return read_examples(store.fetch_dir(source.key) / f"{split}.jsonl")
+
+
+# --- conflict ------------------------------------------------------------------------
+
+
+def sketch_key(cfg: MeritConfig, base: ModelRef, source: SourceInfo) -> str:
+    """``sketches/<model-sha>/<source-hash>-<settings-hash>.npy``: the cache key of g_t
+    (spec step 1: cache by model hash, source content hash, calibration settings)."""
+    import hashlib
+
+    from merit_core.conflict import make_sketcher
+
+    settings = {
+        "conflict": cfg.conflict.model_dump(exclude={"kind"}),  # C's kind is computed later
+        "sketcher": make_sketcher(cfg.conflict).settings(),
+        "trainable": cfg.model.trainable,
+        "dtype": cfg.model.dtype,
+    }
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    return safe_key("sketches", base.sha256, f"{source.content_hash[:24]}-{digest}.npy")
+
+
+def source_gradient(cfg: MeritConfig, base: ModelRef, source: SourceInfo) -> SketchRef:
+    """Sketch of the mean calibration gradient g_t of one source at θ(0) (spec step 1).
+
+    Reuses the stored sketch when one exists for the same model, source content and
+    conflict settings (adding sources costs only their own gradients).
+    """
+    from merit_core.batching import batches
+    from merit_core.conflict import make_sketcher
+    from merit_core.conflict import source_gradient as _grad
+    from merit_core.models import load_model
+
+    store = store_for(cfg)
+    key = sketch_key(cfg, base, source)
+    if store.exists(key):
+        vec = _load_sketch(store, key)
+        logger.info("source %s: reusing cached source gradient %s", source.name, key)
+        return SketchRef(source=source.name, key=key, dim=int(vec.shape[0]), cached=True)
+    model, tokenizer = load_model(store.fetch_dir(base.key), dtype=cfg.model.dtype,
+                                  trust_remote_code=cfg.model.trust_remote_code)
+    calib = load_split(store, source, "calibration")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    vec = _grad(model, batches(calib, cfg.conflict.batch_size, pad), trainable=cfg.model.trainable,
+                sketcher=make_sketcher(cfg.conflict))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "sketch.npy"
+        np.save(path, vec.astype(np.float32))
+        store.put_file(key, path)
+    logger.info("source %s: computed source gradient sketch (dim %d) -> %s", source.name, vec.shape[0], key)
+    return SketchRef(source=source.name, key=key, dim=int(vec.shape[0]), cached=False)
+
+
+def _load_sketch(store: ArtifactStore, key: str) -> np.ndarray:
+    with tempfile.TemporaryDirectory() as tmp:
+        return np.load(store.get_file(key, Path(tmp) / "sketch.npy"), allow_pickle=False)
+
+
+def conflict(cfg: MeritConfig, sketches: Sequence[SketchRef]) -> ConflictReport:
+    """The T×T conflict matrix C from the stored sketches (cosine by default)."""
+    from merit_core.conflict import conflict_matrix
+
+    store = store_for(cfg)
+    G = np.stack([_load_sketch(store, s.key) for s in sketches])
+    C = conflict_matrix(G, kind=cfg.conflict.kind)
+    return ConflictReport(names=[s.source for s in sketches], kind=cfg.conflict.kind, matrix=C.tolist())
+
+
+def split(cfg: MeritConfig, report: ConflictReport, mixture: MixtureManifest,
+          strategy: str | None = None, seed: int | None = None) -> Partition:
+    """Split the sources into K = 2^r groups (spec steps 2–3) by ``strategy``
+    (default ``cfg.split.strategy``; ``random`` for the random-split baseline)."""
+    from merit_core.split import split_sources
+
+    scfg = cfg.split.model_copy(update={k: v for k, v in {"strategy": strategy, "seed": seed}.items() if v is not None})
+    names = report.names
+    if scfg.balance == "tokens":
+        w = {n: float(mixture.get(n).loss_tokens) for n in names}
+    else:
+        w = {n: float(mixture.get(n).train) for n in names}
+    res = split_sources(np.asarray(report.matrix), np.asarray([w[n] for n in names]), scfg)
+    return Partition(
+        method=res.method,
+        groups=res.named(names),
+        weights=w,
+        scores=None if res.scores is None else np.asarray(res.scores).tolist(),
+        explained_variance_ratio=None
+        if res.explained_variance_ratio is None
+        else np.asarray(res.explained_variance_ratio).tolist(),
+    )
+
+
+# --- branch --------------------------------------------------------------------------
+
+
+def branch_key(run_id: str, label: str, index: int) -> str:
+    return safe_key("runs", run_id, label, "branches", str(index))
+
+
+def train_branch(cfg: MeritConfig, base: ModelRef, mixture: MixtureManifest, sources: Sequence[str],
+                 run_id: str, label: str, index: int) -> BranchCheckpoint:
+    """Fine-tune θ(0) on the union of ``sources`` (spec step 4) and commit θ_k to
+    ``runs/<run-id>/<label>/branches/<index>/``.
+
+    Checkpoints go to ``.../branches/<index>-checkpoints/checkpoint-<step>/`` in the
+    store as they are written; a restarted branch (retry, new worker) first fetches the
+    newest complete one and resumes from it.
+    """
+    from merit_core.train import train_branch as _train
+
+    store = store_for(cfg)
+    key = branch_key(run_id, label, index)
+    if store.is_complete(key):
+        meta = store.get_json(f"{key}/manifest.json")["metadata"]
+        logger.info("branch %s/%d already complete in the store; reusing it", label, index)
+        return BranchCheckpoint.model_validate(meta["branch"])
+    examples: list[TokenizedExample] = []
+    for name in sorted(sources):
+        examples += load_split(store, mixture.get(name), "train")
+    base_dir = store.fetch_dir(base.key)
+
+    ckpt_prefix = key + "-checkpoints"
+    work = cache_root() / "work" / safe_key(run_id, label, str(index))
+    ckpt_dir = work / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    _restore_newest_checkpoint(store, ckpt_prefix, ckpt_dir)
+
+    def upload(path: Path) -> None:
+        store.commit_dir(f"{ckpt_prefix}/{path.name}", path, metadata={"kind": "train-checkpoint"})
+
+    out = store.staging_dir(key)
+    res = _train(base_dir, examples, out, cfg.train, checkpoint_dir=ckpt_dir,
+                 dtype=cfg.model.dtype, on_checkpoint=upload)
+    ref = BranchCheckpoint(
+        index=index, label=label, key=key, uri=store.uri_for(key), sources=sorted(sources),
+        trained_tokens=res.trained_tokens, examples=res.examples, steps=res.steps,
+        train_loss=res.train_loss, wall_s=res.wall_s, resumed_from_step=res.resumed_from_step,
+    )
+    store.commit_dir(key, Path(res.output_dir), metadata={"kind": "branch", "branch": ref.model_dump()})
+    shutil.rmtree(work, ignore_errors=True)
+    return ref
+
+
+def _restore_newest_checkpoint(store: ArtifactStore, prefix: str, ckpt_dir: Path) -> None:
+    complete = store.list_complete(prefix)
+    if not complete:
+        return
+    newest = max(complete, key=lambda k: int(k.rstrip("/").rsplit("-", 1)[-1]))
+    dest = ckpt_dir / newest.rstrip("/").rsplit("/", 1)[-1]
+    if not dest.exists():
+        src = store.fetch_dir(newest)
+        shutil.copytree(src, dest, ignore=shutil.ignore_patterns("manifest.json"))
+    logger.info("restored training checkpoint %s for resume", newest)
+
+
+# --- merge ---------------------------------------------------------------------------
+
+
+def merge(cfg: MeritConfig, base: ModelRef, branches: Sequence[BranchCheckpoint], run_id: str,
+          label: str) -> ModelRef:
+    """Merge the K branches once (spec step 5): θ̄ = Σ_k w_k θ_k, w_k = N_k / Σ_j N_j
+    with the default ``token_weighted`` operator; commit to ``runs/<id>/<label>/merged``."""
+    from merit_core.merge import merge_checkpoints
+
+    store = store_for(cfg)
+    key = safe_key("runs", run_id, label, "merged")
+    if store.is_complete(key):
+        return ModelRef(key=key, uri=store.uri_for(key), label=label)
+    inputs = [store.fetch_dir(b.key) for b in sorted(branches, key=lambda b: b.index)]
+    weights = [float(b.trained_tokens) for b in sorted(branches, key=lambda b: b.index)]
+    base_dir = store.fetch_dir(base.key) if cfg.merge.method in ("task_arithmetic", "ties", "dare") else None
+    out = store.staging_dir(key)
+    merge_checkpoints(
+        inputs, weights, out, method=cfg.merge.method, base=base_dir, scale=cfg.merge.scale,
+        density=cfg.merge.density, seed=cfg.merge.seed, max_shard_size=cfg.merge.max_shard_size,
+        metadata={"branches": [b.key for b in branches], "trained_tokens": weights},
+    )
+    store.commit_dir(key, out, metadata={"kind": "merged", "method": cfg.merge.method,
+                                         "branches": [b.key for b in branches], "trained_tokens": weights})
+    return ModelRef(key=key, uri=store.uri_for(key), label=label)
+
+
+# --- evaluate ------------------------------------------------------------------------
+
+
+def evaluate(cfg: MeritConfig, model: ModelRef, mixture: MixtureManifest) -> dict:
+    """Held-out metrics of one model on every source of the mixture (spec step 6,
+    in-mixture); returns the EvalTable as a dict."""
+    from merit_core.evaluate import evaluate_dir
+
+    store = store_for(cfg)
+    heldout = {s.name: load_split(store, s, "heldout") for s in mixture.sources}
+    t0 = time.perf_counter()
+    table = evaluate_dir(
+        store.fetch_dir(model.key), heldout, batch_size=cfg.eval.batch_size,
+        max_new_tokens=cfg.eval.max_new_tokens, generate=cfg.eval.generate,
+        multiple_choice=cfg.eval.multiple_choice, chat_template=cfg.data.chat_template,
+        max_examples_per_source=cfg.eval.max_examples_per_source,
+    )
+    logger.info("evaluated %s in %.1f s", model.label or model.key, time.perf_counter() - t0)
+    return table.model_dump()
+
+
+# --- report --------------------------------------------------------------------------
+
+
+def write_run_report(cfg: MeritConfig, run_id: str, **parts) -> tuple[dict, str]:
+    """Write report.md/json and PNGs to ``runs/<run-id>/report/`` in the store.
+
+    Returns:
+        (report dict, report markdown with the store URI of every file).
+    """
+    from merit_core.report import write_report
+
+    store = store_for(cfg)
+    key = safe_key("runs", run_id, "report")
+    staging = store.staging_dir(key)
+    data = write_report(staging, run_id=run_id, **parts)
+    md = (staging / "report.md").read_text()
+    uri = store.commit_dir(key, staging, metadata={"kind": "report"})
+    md += f"\n\nReport files: `{uri}` (report.md, report.json, PNGs)\n"
+    data["report_uri"] = uri
+    return data, md

@@ -1,0 +1,94 @@
+"""Thin @task wrappers, one per stage of ARCHITECTURE.md's data-flow table.
+
+No maths here: each task calls one function of ``merit_core.stages`` and, where a person
+wants to see something, publishes a Prefect artifact. Retries are declared on the
+stages that touch training or storage; source gradients are cached in the artifact store
+by (model sha, source content hash, conflict settings) — see ``source_gradient_task``.
+"""
+
+
+from pathlib import Path
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from merit_core import stages
+from merit_core.artifacts import (
+    BranchCheckpoint,
+    ConflictReport,
+    MixtureManifest,
+    ModelRef,
+    Partition,
+    SketchRef,
+    SourceInfo,
+)
+from merit_core.config import MeritConfig
+
+STORAGE_RETRIES = dict(retries=2, retry_delay_seconds=[5, 20])
+TRAIN_RETRIES = dict(retries=2, retry_delay_seconds=[10, 60])
+
+
+@task(name="prepare-base", **STORAGE_RETRIES)
+def prepare_base_task(config: MeritConfig) -> ModelRef:
+    return stages.prepare_base(config)
+
+
+@task(name="resolve-mixture", **STORAGE_RETRIES)
+def resolve_mixture_task(config: MeritConfig, base: ModelRef) -> MixtureManifest:
+    mixture = stages.resolve_mixture(config, base)
+    create_table_artifact(
+        key="mixture", table=[s.model_dump(exclude={"key"}) for s in mixture.sources],
+        description="Resolved training mixture: examples, splits and loss tokens per source",
+    )
+    return mixture
+
+
+@task(name="source-gradient", task_run_name="source-gradient-{source.name}", **STORAGE_RETRIES)
+def source_gradient_task(config: MeritConfig, base: ModelRef, source: SourceInfo) -> SketchRef:
+    """g_t of one source. Cached in the artifact store under
+    ``sketches/<model-sha>/<source-hash>-<settings-hash>.npy`` rather than in Prefect's
+    result cache: the store is what every worker shares, and a cache entry there cannot
+    outlive the sketch it points to (a Prefect cache hit could, after a store is wiped)."""
+    return stages.source_gradient(config, base, source)
+
+
+@task(name="conflict-matrix")
+def conflict_task(config: MeritConfig, sketches: list[SketchRef]) -> ConflictReport:
+    return stages.conflict(config, sketches)
+
+
+@task(name="split")
+def split_task(config: MeritConfig, conflict: ConflictReport, mixture: MixtureManifest,
+               strategy: str | None = None) -> Partition:
+    return stages.split(config, conflict, mixture, strategy=strategy)
+
+
+@task(name="train-branch", task_run_name="train-{label}-{index}", **TRAIN_RETRIES)
+def train_branch_task(config: MeritConfig, base: ModelRef, mixture: MixtureManifest, sources: list[str],
+                      run_id: str, label: str, index: int) -> BranchCheckpoint:
+    return stages.train_branch(config, base, mixture, sources, run_id, label, index)
+
+
+@task(name="merge", task_run_name="merge-{label}", **STORAGE_RETRIES)
+def merge_task(config: MeritConfig, base: ModelRef, branches: list[BranchCheckpoint], run_id: str,
+               label: str) -> ModelRef:
+    return stages.merge(config, base, branches, run_id, label)
+
+
+@task(name="evaluate", task_run_name="evaluate-{model.label}")
+def evaluate_task(config: MeritConfig, model: ModelRef, mixture: MixtureManifest) -> dict:
+    return stages.evaluate(config, model, mixture)
+
+
+@task(name="report", **STORAGE_RETRIES)
+def report_task(config: MeritConfig, run_id: str, **parts) -> dict:
+    """Write the report to the store and publish it as Prefect artifacts."""
+    report, md = stages.write_run_report(config, run_id, **parts)
+    create_markdown_artifact(key="merit-report", markdown=md, description=f"MERIT report of run {run_id}")
+    means = []
+    for model, table in report["metrics"].items():
+        row = {"model": model}
+        row.update({k: v for k, v in table["mean"].items() if k != "source" and v is not None})
+        means.append(row)
+    create_table_artifact(key="merit-summary", table=means, description="Mean held-out metrics per model")
+    return report

@@ -1,0 +1,106 @@
+"""The `merit` flow end to end on a tiny model under prefect_test_harness."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from prefect.testing.utilities import prefect_test_harness
+
+from merit_core.config import ConfigError, MeritConfig, load_config
+from merit_core.manifest import verify_manifest
+from tests.helpers import write_jsonl_sources
+
+SOURCES = ["alpha", "beta", "gamma", "delta"]
+
+
+@pytest.fixture(scope="module")
+def harness():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def tiny_config(tmp_path, model_dir, **over) -> MeritConfig:
+    specs = write_jsonl_sources(tmp_path / "data", SOURCES, n=40)
+    raw = {
+        "run": {"name": "tiny"},
+        "model": {"source": str(model_dir)},
+        "data": {"sources": specs, "max_length": 64, "heldout_min": 8, "heldout_fraction": 0.2},
+        "conflict": {"calibration_size": 8, "sketch": "countsketch", "sketch_dim": 512, "batch_size": 8},
+        "split": {"r": 1},
+        "train": {"learning_rate": 1e-3, "batch_size": 8, "epochs": 1, "save_steps": 2, "logging_steps": 1},
+        "eval": {"batch_size": 8, "max_examples_per_source": 8, "max_new_tokens": 4},
+        "store": {"uri": str(tmp_path / "store")},
+    }
+    for k, v in over.items():
+        raw[k] = {**raw.get(k, {}), **v}
+    return MeritConfig.model_validate(raw)
+
+
+def _flow_runs_named(name: str) -> list:
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    async def go():
+        async with get_client() as client:
+            return await client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[name])))
+
+    return asyncio.run(go())
+
+
+def test_flow_local_runs_every_stage(harness, tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("MERIT_CACHE_DIR", str(tmp_path / "cache"))
+    from flows.merit import merit
+
+    before = len(_flow_runs_named("merit-branch"))
+    cfg = tiny_config(tmp_path, tiny_model_dir)
+    report = merit(cfg)
+    groups = report["partition"]["groups"]
+    assert len(groups) == 2 and sorted(sum(groups, [])) == sorted(SOURCES)
+    # one merit-branch flow run per group, plus joint (1) and random split (2)
+    assert len(_flow_runs_named("merit-branch")) - before == 2 + 1 + 2
+    assert set(report["metrics"]) == {"base", "merit", "joint", "random"}
+    for table in report["metrics"].values():
+        assert [r["source"] for r in table["rows"]] == SOURCES
+    # token-weighted merge weights are the branches' trained tokens
+    merged_dir = tmp_path / "store" / report["models"]["merit"]["key"]
+    verify_manifest(merged_dir)
+    meta = json.loads((merged_dir / "manifest.json").read_text())["metadata"]
+    assert meta["trained_tokens"] == [b["trained_tokens"] for b in report["branches"]["merit"]]
+    report_dir = tmp_path / "store" / "runs" / report["run_id"] / "report"
+    for f in ["report.md", "report.json", "conflict_matrix.png", "pca_groups.png"]:
+        assert (report_dir / f).is_file(), f
+
+    # a second run reuses every cached source gradient
+    report2 = merit(cfg.model_copy(update={"baselines": cfg.baselines.model_copy(update={"joint": False, "random_split": False})}))
+    assert report2["partition"]["groups"] == groups
+
+
+def test_flow_processes_mode(harness, tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("MERIT_CACHE_DIR", str(tmp_path / "cache"))
+    from flows.merit import merit
+
+    before = len(_flow_runs_named("merit-branch"))
+    cfg = tiny_config(tmp_path, tiny_model_dir, run={"branch_execution": "processes", "max_parallel_branches": 2},
+                      baselines={"joint": False, "random_split": False})
+    report = merit(cfg)
+    assert len(report["branches"]["merit"]) == 2
+    assert len(_flow_runs_named("merit-branch")) - before == 2
+
+
+def test_wrong_config_fails_before_training(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("split:\n  r: 3\ndata:\n  sources:\n    - {name: a, kind: jsonl, path: x.jsonl}\n    - {name: b, kind: jsonl, path: y.jsonl}\n")
+    with pytest.raises(ConfigError, match=r"K=2\^r=8"):
+        load_config(p)
+    p.write_text("trian:\n  lr: 1\n")
+    with pytest.raises(ConfigError, match="trian"):
+        load_config(p)
+    p.write_text("data:\n  sources:\n    - {name: a, kind: bigbench}\n")
+    with pytest.raises(ConfigError, match="needs field 'task'"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
