@@ -17,7 +17,7 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ProcessPoolTaskRunner
 
 from merit_core.artifacts import BranchCheckpoint, MixtureManifest, ModelRef, StageTiming
-from merit_core.config import MeritConfig
+from merit_core.config import MeritConfig, apply_overrides, load_config
 from merit_core.store import safe_key
 from tasks import (
     conflict_task,
@@ -62,15 +62,28 @@ def run_branches(config: MeritConfig, base: ModelRef, mixture: MixtureManifest, 
         with ProcessPoolTaskRunner(max_workers=workers) as runner:
             futures = [runner.submit(_branch_in_process, parameters=a) for a in args]
             return [f.result() for f in futures]
-    raise ValueError(
-        f"run.branch_execution={mode!r} is not available in this version; use 'local' or 'processes'"
-    )
+    if mode == "deployment":  # one flow run per branch on the pool's workers (flows/fanout.py)
+        from flows.fanout import run_branches_on_deployment
+
+        return run_branches_on_deployment(config, base, mixture, groups, run_id, label)
+    raise ValueError(f"run.branch_execution={mode!r}: use 'local', 'processes' or 'deployment'")
 
 
 @flow(name="merit", flow_run_name="merit-{config.run.name}", log_prints=True)
-def merit(config: MeritConfig) -> dict:
-    """Run MERIT end to end on ``config`` and return the report (also in the store)."""
+def merit(config: MeritConfig, config_path: str | None = None, overrides: list[str] | None = None) -> dict:
+    """Run MERIT end to end on ``config`` and return the report (also in the store).
+
+    ``config_path``, when set, names a MeritConfig YAML file that replaces ``config``
+    (read when the run starts, so deployments, schedules and the
+    ``merit.data_source.added`` trigger always run the file's current mixture);
+    ``overrides`` are ``key.path=value`` strings applied on top, like ``merit run --set``.
+    """
     log = get_run_logger()
+    if config_path:
+        config = load_config(config_path, overrides)
+        log.info("config: %s (%d sources)", config_path, len(config.data.sources))
+    elif overrides:
+        config = MeritConfig.model_validate(apply_overrides(config.model_dump(mode="json"), overrides))
     run_id = safe_key(f"{config.run.name}-{(flow_run.get_id() or 'local')[:8]}")
     timings: list[StageTiming] = []
 

@@ -1,10 +1,12 @@
 """`merit` command line: run the pipeline, or one stage on existing artifacts.
 
     merit run CONFIG [--set a.b=c ...]     the whole `merit` flow (Prefect, in-process)
+    merit study CONFIG [--seeds N]         joint vs MERIT vs random split over seeds (flow `merit-study`)
     merit mixture CONFIG                   print the resolved mixture
     merit split CONFIG                     source gradients (cached) -> C -> partition
     merit merge OUT IN... --weights ...    merge HF checkpoints
     merit eval MODEL_DIR CONFIG            held-out metrics of one model
+    merit sources add CONFIG --name ...    register a source, emit merit.data_source.added
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ from typing import Annotated, Optional
 
 import typer
 
+from merit_cli.sources import sources_app
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="MERIT: conflict-aware splitting and merging.")
+app.add_typer(sources_app, name="sources")  # merit sources add|list (merit_cli/sources.py)
 
 ConfigArg = Annotated[Path, typer.Argument(help="MeritConfig YAML file, e.g. configs/demo.yaml")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a field: key.path=value (repeatable)")]
@@ -47,6 +52,25 @@ def run(config: ConfigArg, set_: SetOpt = None) -> None:
     report = merit(cfg)
     typer.echo("\n" + metrics_markdown(report["metrics"]))
     typer.echo("\nstage timings (s): " + ", ".join(f"{t['stage']} {t['seconds']:.0f}" for t in report["timings"]))
+    typer.echo(f"report: {report['report_uri']}")
+
+
+@app.command()
+def study(
+    config: ConfigArg,
+    seeds: Annotated[Optional[int], typer.Option("--seeds", min=1, help="Seeds (default: study.seeds)")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Joint vs MERIT vs random split over N seeds, in and out of the mixture (flow `merit-study`)."""
+    cfg = _load(config, set_)
+    from flows.study import merit_study
+    from merit_core.study_report import MAIN_METRICS
+
+    report = merit_study(cfg, n_seeds=seeds)
+    typer.echo("")
+    for c in report["summary"]["comparisons"]:
+        if c["metric_key"] in MAIN_METRICS:
+            typer.echo(f"- {c['verdict']}")
     typer.echo(f"report: {report['report_uri']}")
 
 

@@ -62,6 +62,11 @@ class DataConfig(_Strict):
     heldout_max: int | None = Field(None, ge=1, description="At most this many held-out examples per source.")
     seed: int = 0
     chat_template: str | None = Field(None, description="Jinja chat template if the tokenizer has none.")
+    system_prompt: str | None = Field(
+        None,
+        description="System prompt for every source that sets none (without one, SmolLM2's template "
+        "inserts its own ~30-token default system turn into every example).",
+    )
 
     @field_validator("sources")
     @classmethod
@@ -123,6 +128,9 @@ class TrainConfig(_Strict):
     bf16: bool = False
     deepspeed: str | None = Field(None, description="Path to a DeepSpeed config (GPU only).")
     gradient_checkpointing: bool = False
+    group_by_length: bool = Field(
+        True, description="Batch examples of similar length together (less padding; seeded, resumable)."
+    )
     threads: int | None = Field(None, ge=1, description="torch threads per branch (CPU).")
 
 
@@ -144,6 +152,22 @@ class EvalConfig(_Strict):
     max_new_tokens: int = Field(32, ge=1)
     generate: bool = True
     multiple_choice: bool = True
+    benchmarks: list[SourceSpec] = Field(
+        default_factory=list,
+        description="Out-of-mixture benchmarks: evaluation-only sources that no branch trains on "
+        "(every example goes to evaluation). A benchmark overlapping a data source is refused.")
+    benchmark_max_examples: int | None = Field(
+        64, ge=1, description="At most this many examples per benchmark (seeded sample, data.seed).")
+
+    @field_validator("benchmarks")
+    @classmethod
+    def _unique_benchmarks(cls, v: list[SourceSpec]) -> list[SourceSpec]:
+        seen: set[str] = set()
+        for s in v:
+            if s.name in seen:
+                raise ValueError(f"duplicate benchmark name {s.name!r} in eval.benchmarks")
+            seen.add(s.name)
+        return v
 
 
 class StoreConfig(_Strict):
@@ -163,6 +187,52 @@ class BaselinesConfig(_Strict):
     random_split: bool = True
 
 
+class StudyConfig(_Strict):
+    """``merit study``: repeat joint / MERIT / random-split training over seeds (docs/study.md)."""
+
+    seeds: int = Field(3, ge=1, description="Data-order seeds (train.seed + i) and random splits (split.seed + i).")
+    r_values: list[int] | None = Field(None, description="MERIT-rD variants to train (default: [split.r]).")
+    uniform_merge: bool = Field(True, description="Also merge the MERIT branches with uniform weights.")
+    displacement: bool = Field(True, description="Compute ||θ − θ(0)|| of every model.")
+    confidence: float = Field(0.95, gt=0, lt=1, description="Confidence level of the t intervals.")
+    id: str | None = Field(None, description="Study id (default: run.name + hash of the training config; "
+                                               "a rerun with the same id reuses finished models).")
+
+    @field_validator("r_values")
+    @classmethod
+    def _check_r_values(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None:
+            if not v:
+                raise ValueError("study.r_values is empty; omit it to use split.r")
+            bad = [r for r in v if not 1 <= r <= 6]
+            if bad:
+                raise ValueError(f"study.r_values {bad}: each r must be 1..6 (K = 2^r ≥ 2 branches)")
+            if len(set(v)) != len(v):
+                raise ValueError(f"study.r_values {v} has duplicates")
+        return v
+
+
+def source_overlap(a: SourceSpec, b: SourceSpec) -> str | None:
+    """Why two sources are the same data (same name, same BIG-bench task or a task and
+    one of its subtasks, same file, same HF dataset and config), or None."""
+    if a.name == b.name:
+        return "same name"
+    if a.kind != b.kind:
+        return None
+    if a.kind == "bigbench":
+        ta, tb = (a.task or "").strip("/"), (b.task or "").strip("/")
+        if ta == tb:
+            return f"same BIG-bench task {ta!r}"
+        if ta.startswith(tb + "/") or tb.startswith(ta + "/"):
+            return f"BIG-bench task {ta!r} and {tb!r} are a task and its subtask"
+    elif a.kind in ("jsonl", "parquet"):
+        if Path(a.path or "").expanduser().resolve() == Path(b.path or "").expanduser().resolve():
+            return f"same file {a.path!r}"
+    elif a.kind == "hf" and a.dataset == b.dataset and a.config_name == b.config_name:
+        return f"same dataset {a.dataset!r} (config {a.config_name!r})"
+    return None
+
+
 class RunConfig(_Strict):
     """How the run executes."""
 
@@ -170,6 +240,9 @@ class RunConfig(_Strict):
     branch_execution: Literal["local", "processes", "deployment"] = "local"
     branch_deployment: str = "merit-branch/process"
     max_parallel_branches: int = Field(2, ge=1)
+    branch_timeout_s: float | None = Field(
+        None, gt=0, description="branch_execution=deployment: fail a branch flow run that has not finished "
+        "after this many seconds (None: wait as long as it takes).")
 
 
 class MeritConfig(_Strict):
@@ -185,15 +258,27 @@ class MeritConfig(_Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
     baselines: BaselinesConfig = Field(default_factory=BaselinesConfig)
+    study: StudyConfig = Field(default_factory=StudyConfig)
 
     @model_validator(mode="after")
     def _check_groups(self) -> "MeritConfig":
         t = len(self.data.sources)
-        k = 2**self.split.r
-        if t and k > t:
-            raise ValueError(
-                f"split.r={self.split.r} asks for K=2^r={k} groups but data.sources has only {t} sources"
-            )
+        for field, r in [("split.r", self.split.r), *(("study.r_values", r) for r in self.study.r_values or [])]:
+            k = 2**r
+            if t and k > t:
+                raise ValueError(f"{field}: r={r} asks for K=2^r={k} groups but data.sources has only {t} sources")
+        return self
+
+    @model_validator(mode="after")
+    def _check_benchmarks_out_of_mixture(self) -> "MeritConfig":
+        for bench in self.eval.benchmarks:
+            for src in self.data.sources:
+                why = source_overlap(bench, src)
+                if why:
+                    raise ValueError(
+                        f"benchmark {bench.name!r} in eval.benchmarks overlaps training source {src.name!r} in "
+                        f"data.sources ({why}); an out-of-mixture benchmark must not be trained on: remove one of them"
+                    )
         return self
 
 

@@ -194,6 +194,7 @@ def train_branch(
         bf16=cfg.bf16 and use_cuda,
         deepspeed=cfg.deepspeed,
         dataloader_num_workers=0,
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         remove_unused_columns=False,
         disable_tqdm=False,
     )

@@ -51,6 +51,19 @@ def _flow_runs_named(name: str) -> list:
     return asyncio.run(go())
 
 
+def _artifacts(keys: list[str]) -> list:
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    async def go():
+        async with get_client() as client:
+            return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
+
+    return asyncio.run(go())
+
+
 def test_flow_local_runs_every_stage(harness, tmp_path, tiny_model_dir, monkeypatch):
     monkeypatch.setenv("MERIT_CACHE_DIR", str(tmp_path / "cache"))
     from flows.merit import merit
@@ -74,9 +87,19 @@ def test_flow_local_runs_every_stage(harness, tmp_path, tiny_model_dir, monkeypa
     for f in ["report.md", "report.json", "conflict_matrix.png", "pca_groups.png"]:
         assert (report_dir / f).is_file(), f
 
-    # a second run reuses every cached source gradient
+    # the report is published as Prefect artifacts of the run
+    arts = _artifacts(["merit-report", "merit-summary", "mixture"])
+    assert {"merit-report", "merit-summary", "mixture"} <= {a.key for a in arts}
+    md = next(a for a in arts if a.key == "merit-report").data
+    assert "Held-out answer cross-entropy" in md and report["run_id"] in md
+
+    # a second run reuses every cached source gradient: no sketch is rewritten
+    sketches = sorted((tmp_path / "store" / "sketches").rglob("*.npy"))
+    assert len(sketches) == len(SOURCES)
+    mtimes = [p.stat().st_mtime_ns for p in sketches]
     report2 = merit(cfg.model_copy(update={"baselines": cfg.baselines.model_copy(update={"joint": False, "random_split": False})}))
     assert report2["partition"]["groups"] == groups
+    assert [p.stat().st_mtime_ns for p in sorted((tmp_path / "store" / "sketches").rglob("*.npy"))] == mtimes
 
 
 def test_flow_processes_mode(harness, tmp_path, tiny_model_dir, monkeypatch):
@@ -104,3 +127,18 @@ def test_wrong_config_fails_before_training(tmp_path):
         load_config(p)
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_merit_core_never_imports_prefect():
+    import subprocess
+    import sys
+
+    code = (
+        "import importlib, pkgutil, sys, merit_core\n"
+        "for m in pkgutil.walk_packages(merit_core.__path__, 'merit_core.'):\n"
+        "    importlib.import_module(m.name)\n"
+        "bad = sorted(k for k in sys.modules if k == 'prefect' or k.startswith('prefect.'))\n"
+        "print(bad); sys.exit(1 if bad else 0)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr

@@ -248,6 +248,8 @@ def resolve_mixture(data_cfg: DataConfig, tokenizer, calibration_size: int) -> M
     prompt_ids(tokenizer, Example(prompt="probe", response="probe"), data_cfg.chat_template)  # fail fast
     out: dict[str, SourceData] = {}
     for spec in data_cfg.sources:
+        if data_cfg.system_prompt and not spec.system_prompt:
+            spec = spec.model_copy(update={"system_prompt": data_cfg.system_prompt})
         examples = load_examples(spec, data_cfg.seed)
         tokenized: list[TokenizedExample] = []
         dropped = 0

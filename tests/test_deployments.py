@@ -1,0 +1,348 @@
+"""Deployment pieces without a server: prefect.yaml, work-pool templates, DeepSpeed
+configs, the deployment fan-out's bookkeeping, and `merit sources`.
+(The real server + worker run is tests/test_e2e.py.)"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from uuid import uuid4
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from merit_core.artifacts import BranchCheckpoint, MixtureManifest, ModelRef
+from merit_core.config import MeritConfig, load_config
+from merit_core.stages import branch_key
+from merit_core.store import open_store
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _prefect_yaml() -> dict:
+    return yaml.safe_load((REPO / "prefect.yaml").read_text())
+
+
+def _deployments() -> dict[str, dict]:
+    return {d["name"]: d for d in _prefect_yaml()["deployments"]}
+
+
+# --- prefect.yaml -----------------------------------------------------------------------
+
+
+def test_prefect_yaml_deployments_and_pools():
+    deps = _deployments()
+    assert set(deps) == {"full", "process", "docker-gpu", "k8s-gpu"}
+    assert deps["full"]["entrypoint"] == "flows/merit.py:merit"
+    from flows.merit import merit, merit_branch
+
+    assert merit.name == "merit" and merit_branch.name == "merit-branch"
+    for name, pool in [("process", "merit-process"), ("docker-gpu", "merit-docker-gpu"), ("k8s-gpu", "merit-k8s-gpu")]:
+        assert deps[name]["entrypoint"] == "flows/merit.py:merit_branch"
+        assert deps[name]["work_pool"]["name"] == pool
+    # the default branch deployment of the config is one of them
+    assert MeritConfig().run.branch_deployment == "merit-branch/process"
+
+
+def test_prefect_yaml_steps_reference_their_outputs():
+    deps = _deployments()
+    for name, dep in deps.items():
+        ids = {body["id"] for step in dep.get("build") or [] for body in step.values()}
+        text = json.dumps({k: dep.get(k) for k in ("pull", "push", "work_pool")})
+        for ref in ["repo-dir", "build-image", "get-commit-hash"]:
+            if "{{ " + ref + "." in text:
+                assert ref in ids, f"{name} uses {ref} without a build step producing it"
+    # process deployments run from the checkout, image deployments from /opt/merit
+    for name in ("full", "process"):
+        (pull,) = deps[name]["pull"]
+        assert pull["prefect.deployments.steps.set_working_directory"]["directory"] == "{{ repo-dir.stdout }}"
+        assert not any("prefect_docker" in k for step in deps[name]["build"] for k in step)
+    for name in ("docker-gpu", "k8s-gpu"):
+        (pull,) = deps[name]["pull"]
+        assert pull["prefect.deployments.steps.set_working_directory"]["directory"] == "/opt/merit"
+        build = [k for step in deps[name]["build"] for k in step]
+        assert "prefect_docker.deployments.steps.build_docker_image" in build
+        image_step = next(s for s in deps[name]["build"] if "prefect_docker.deployments.steps.build_docker_image" in s)
+        body = image_step["prefect_docker.deployments.steps.build_docker_image"]
+        assert body["tag"] == "{{ get-commit-hash.stdout }}" and body["dockerfile"] == "images/Dockerfile.gpu"
+        assert deps[name]["work_pool"]["job_variables"]["image"] == "{{ build-image.image }}"
+    assert (REPO / "images" / "Dockerfile.gpu").is_file() and (REPO / "images" / "Dockerfile.cpu").is_file()
+
+
+def test_full_deployment_schedule_trigger_and_concurrency():
+    from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
+
+    full = _deployments()["full"]
+    assert full["concurrency_limit"] == {"limit": 1, "collision_strategy": "ENQUEUE"}
+    (schedule,) = full["schedules"]
+    assert schedule["active"] is False
+    (raw,) = full["triggers"]
+    trigger = DeploymentEventTrigger.model_validate(raw)
+    assert trigger.expect == {"merit.data_source.added"}
+    assert trigger.threshold == 1 and trigger.within.total_seconds() > 0  # debounced
+    assert trigger.schedule_after.total_seconds() > 0
+    assert trigger.parameters == {"config_path": "{{ event.payload.config_path }}"}
+
+
+def test_full_deployment_default_parameters_are_valid():
+    from flows.merit import merit
+
+    params = _deployments()["full"]["parameters"]
+    validated = merit.validate_parameters(params)
+    assert isinstance(validated["config"], MeritConfig)
+    demo = REPO / params["config_path"]
+    if not demo.is_file():
+        pytest.skip(f"{params['config_path']} is not in this checkout yet")
+    cfg = load_config(demo, params["overrides"])
+    assert cfg.run.branch_execution == "deployment" and cfg.run.branch_deployment == "merit-branch/process"
+
+
+# --- work-pool templates ----------------------------------------------------------------
+
+
+def _render(template: dict, values: dict) -> dict:
+    from prefect.utilities.templating import apply_values
+
+    props = template["variables"]["properties"]
+    defaults = {k: v["default"] for k, v in props.items() if "default" in v}
+    return apply_values(template["job_configuration"], {**defaults, **values})
+
+
+def test_docker_gpu_template_requests_gpus():
+    t = json.loads((REPO / "deployments" / "docker-gpu.json").read_text())
+    assert t["variables"]["properties"]["gpu_count"]["default"] == 1
+    job = _render(t, {"image": "registry/merit:abc", "gpu_count": 2})
+    (req,) = job["container_create_kwargs"]["device_requests"]
+    assert req == {"driver": "nvidia", "count": 2, "capabilities": [["gpu"]]}
+    assert job["image"] == "registry/merit:abc"
+    from docker.types import DeviceRequest
+
+    assert DeviceRequest(**req)["Count"] == 2  # what docker-py builds from it
+
+
+def test_k8s_gpu_template_wires_gpu_count_to_limits():
+    t = json.loads((REPO / "deployments" / "k8s-gpu.json").read_text())
+    job = _render(t, {"image": "registry/merit:abc", "gpu_count": 4})
+    pod = job["job_manifest"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 4
+    assert container["image"] == "registry/merit:abc"
+    assert any(v.get("emptyDir", {}).get("medium") == "Memory" for v in pod["volumes"])
+
+
+def test_create_pools_script_names_match_prefect_yaml():
+    script = (REPO / "deployments" / "create-pools.sh").read_text()
+    for dep in _deployments().values():
+        assert dep["work_pool"]["name"] in script
+
+
+# --- DeepSpeed ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,stage", [("ds_zero2.json", 2), ("ds_zero3.json", 3)])
+def test_deepspeed_configs(name, stage):
+    cfg = json.loads((REPO / "deployments" / name).read_text())
+    assert cfg["zero_optimization"]["stage"] == stage
+    # the Trainer fills batch sizes, accumulation, clipping and precision from TrainConfig
+    for k in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping"):
+        assert cfg[k] == "auto"
+    assert "optimizer" not in cfg and "scheduler" not in cfg  # same AdamW + schedule as CPU branches
+    if stage == 3:  # the saved checkpoint is the gathered full model, loadable by the merge
+        assert cfg["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+
+
+# --- deployment fan-out -------------------------------------------------------------------
+
+
+def _flow_run(name: str, state):
+    from prefect.client.schemas.objects import FlowRun
+
+    return FlowRun(id=uuid4(), name=name, flow_id=uuid4(), state=state)
+
+
+def _commit_branch(store, run_id: str, label: str, index: int, sources: list[str]) -> BranchCheckpoint:
+    key = branch_key(run_id, label, index)
+    ckpt = BranchCheckpoint(index=index, label=label, key=key, uri=store.uri_for(key), sources=sources,
+                            trained_tokens=100 + index, examples=4, steps=1, train_loss=1.0, wall_s=0.1)
+    staging = store.staging_dir(key)
+    (staging / "model.safetensors").write_bytes(b"x")
+    store.commit_dir(key, staging, metadata={"kind": "branch", "branch": ckpt.model_dump()})
+    return ckpt
+
+
+@pytest.fixture()
+def fanout_env(tmp_path, monkeypatch):
+    """flows.fanout with the Prefect API replaced by fakes: children 'run' by writing
+    their branch into the store (or by failing)."""
+    from prefect.states import Completed, Failed, Scheduled
+
+    from flows import fanout
+
+    cfg = MeritConfig.model_validate({"store": {"uri": str(tmp_path / "store")},
+                                      "run": {"branch_execution": "deployment"}})
+    store = open_store(cfg.store)
+    base = ModelRef(key="models/abc", uri="file:///x", sha256="abc")
+    mixture = MixtureManifest(sources=[])
+    calls: list[dict] = []
+    outcome: dict[int, str] = {}  # index -> "ok" | "fail" | "nomanifest"
+    runs: dict = {}
+
+    def fake_run_deployment(name, parameters, idempotency_key, as_subflow, timeout, tags):
+        json.dumps(parameters)  # what travels to the API must be plain JSON
+        assert timeout == 0 and as_subflow
+        calls.append(dict(name=name, key=idempotency_key, **parameters))
+        run = _flow_run(f"child-{parameters['index']}", Scheduled())
+        runs[run.id] = parameters
+        return run
+
+    def fake_wait(ids, timeout):
+        out = {}
+        for i in ids:
+            p = runs[i]
+            how = outcome.get(p["index"], "ok")
+            if how == "fail":
+                state = Failed(message="Flow run encountered an exception: TrainError: train.deepspeed='x' needs CUDA")
+            else:
+                if how == "ok":
+                    _commit_branch(store, p["run_id"], p["label"], p["index"], p["sources"])
+                state = Completed()
+            out[i] = _flow_run(f"child-{p['index']}", state).model_copy(update={"id": i})
+        return out
+
+    monkeypatch.setattr(fanout, "run_deployment", fake_run_deployment)
+    monkeypatch.setattr(fanout, "wait_for_flow_runs", fake_wait)
+    monkeypatch.setattr(fanout, "_parent_flow_run_id", lambda: "parent-run")
+
+    def go(groups):
+        return fanout.run_branches_on_deployment(cfg, base, mixture, groups, "run1", "merit")
+
+    return go, calls, outcome
+
+
+def test_fanout_starts_one_child_per_group_and_reads_the_store(fanout_env):
+    go, calls, _ = fanout_env
+    out = go([["b", "a"], ["c"]])
+    assert [c["key"] for c in calls] == ["parent-run-run1-merit-0", "parent-run-run1-merit-1"]
+    assert all(c["name"] == "merit-branch/process" for c in calls)
+    assert [c["sources"] for c in calls] == [["b", "a"], ["c"]]
+    assert [b.index for b in out] == [0, 1] and [b.trained_tokens for b in out] == [100, 101]
+    assert MeritConfig.model_validate(calls[0]["config"]).run.branch_execution == "deployment"
+
+
+def test_fanout_fails_with_the_childs_error(fanout_env):
+    from flows.fanout import BranchRunError
+
+    go, _, outcome = fanout_env
+    outcome[1] = "fail"
+    pattern = r"(?s)1 of 2 branches.*merit/1 \(flow run child-1.*ended Failed.*needs CUDA"
+    with pytest.raises(BranchRunError, match=pattern):
+        go([["a"], ["b"]])
+
+
+def test_fanout_refuses_a_completed_child_without_manifest(fanout_env):
+    from flows.fanout import BranchRunError
+
+    go, _, outcome = fanout_env
+    outcome[0] = "nomanifest"
+    with pytest.raises(BranchRunError, match="has no manifest"):
+        go([["a"], ["b"]])
+
+
+def test_fanout_reschedules_a_child_failed_in_an_earlier_attempt(monkeypatch):
+    from prefect.states import Completed, Failed
+
+    from flows import fanout
+
+    done = _flow_run("old", Completed())
+    failed = _flow_run("old", Failed(message="boom"))
+    rescheduled = []
+    monkeypatch.setattr(fanout, "reschedule", lambda fid, msg: rescheduled.append(fid))
+    for run in (done, failed):
+        monkeypatch.setattr(fanout, "run_deployment", lambda *a, run=run, **k: run)
+        fanout.start_branch("merit-branch/process", {}, "k", [])
+    assert rescheduled == [failed.id]
+
+
+def test_fanout_needs_a_parent_flow_run(tmp_path):
+    from flows.fanout import BranchRunError, run_branches_on_deployment
+
+    cfg = MeritConfig.model_validate({"store": {"uri": str(tmp_path / "s")}})
+    with pytest.raises(BranchRunError, match="needs a Prefect flow run"):
+        run_branches_on_deployment(cfg, ModelRef(key="m", uri="u"), MixtureManifest(sources=[]), [["a"]], "r",
+                                   "merit")
+
+
+# --- merit sources ----------------------------------------------------------------------
+
+
+@pytest.fixture()
+def config_file(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"prompt": "p", "response": "r"}\n')
+    p = tmp_path / "c.yaml"
+    p.write_text("# keep me\nrun:\n  name: t  # and me\n"
+                 "data:\n  sources:\n    - {name: a, kind: jsonl, path: a.jsonl}\n"
+                 "split:\n  r: 0\n")
+    return p
+
+
+def test_sources_add_appends_validates_and_keeps_comments(config_file, tmp_path, monkeypatch):
+    from merit_cli import sources
+    from merit_cli.main import app
+
+    emitted = []
+    monkeypatch.setattr(sources, "emit_source_added", lambda cfg, spec: emitted.append((cfg, spec)) or "ev-1")
+    sub = tmp_path / "new"
+    sub.mkdir()
+    (sub / "b.jsonl").write_text('{"prompt": "p", "response": "r"}\n')
+    res = CliRunner().invoke(app, ["sources", "add", str(config_file), "--name", "b", "--kind", "jsonl",
+                                   "--path", str(sub / "b.jsonl"), "--max-examples", "5"])
+    assert res.exit_code == 0, res.output
+    assert "emitted merit.data_source.added for merit.source.b" in res.output
+    text = config_file.read_text()
+    assert "# keep me" in text and "# and me" in text
+    cfg = load_config(config_file)
+    assert [s.name for s in cfg.data.sources] == ["a", "b"]
+    assert cfg.data.sources[1].path == str(sub / "b.jsonl") and cfg.data.sources[1].max_examples == 5
+    assert "path: new/b.jsonl" in text  # relative to the config file, so both can move together
+    assert emitted == [(config_file, {"name": "b", "kind": "jsonl", "path": "new/b.jsonl", "max_examples": 5})]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--name", "a", "--kind", "jsonl", "--path", "a.jsonl"], "already registered"),
+    (["--name", "x", "--kind", "jsonl", "--path", "missing.jsonl"], "does not exist"),
+    (["--name", "x", "--kind", "bigbench"], "needs field 'task'"),
+    (["--name", "x", "--kind", "csv", "--path", "a.jsonl"], "kind"),
+])
+def test_sources_add_refuses(config_file, args, message, monkeypatch):
+    from merit_cli import sources
+    from merit_cli.main import app
+
+    monkeypatch.setattr(sources, "emit_source_added", lambda *a: pytest.fail("must not emit"))
+    before = config_file.read_text()
+    res = CliRunner().invoke(app, ["sources", "add", str(config_file), *args])
+    assert res.exit_code == 2 and message in res.output, res.output
+    assert config_file.read_text() == before
+
+
+def test_sources_add_without_api_url_registers_but_does_not_emit(config_file, tmp_path):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from merit_cli.main import app
+
+    (tmp_path / "b.jsonl").write_text('{"prompt": "p", "response": "r"}\n')
+    with temporary_settings(updates={PREFECT_API_URL: None}):
+        res = CliRunner().invoke(app, ["sources", "add", str(config_file), "--name", "b", "--kind", "jsonl",
+                                       "--path", str(tmp_path / "b.jsonl")])
+    assert res.exit_code == 0 and "no event emitted" in res.output
+    assert [s.name for s in load_config(config_file).data.sources] == ["a", "b"]
+
+
+def test_fanout_keys_differ_between_runs_of_one_parent():
+    """A study trains label 'joint' once per seed under one parent flow run: each seed's
+    branches must be new children, not the previous seed's."""
+    from flows.fanout import idempotency_key
+
+    keys = {idempotency_key("parent", run, label, k)
+            for run in ("study-s0", "study-s1") for label in ("joint", "merit") for k in (0, 1)}
+    assert len(keys) == 8
