@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -225,13 +225,15 @@ def branch_key(run_id: str, label: str, index: int) -> str:
 
 
 def train_branch(cfg: MeritConfig, base: ModelRef, mixture: MixtureManifest, sources: Sequence[str],
-                 run_id: str, label: str, index: int) -> BranchCheckpoint:
+                 run_id: str, label: str, index: int,
+                 after_checkpoint: Callable[[Path], None] | None = None) -> BranchCheckpoint:
     """Fine-tune θ(0) on the union of ``sources`` (spec step 4) and commit θ_k to
     ``runs/<run-id>/<label>/branches/<index>/``.
 
     Checkpoints go to ``.../branches/<index>-checkpoints/checkpoint-<step>/`` in the
     store as they are written; a restarted branch (retry, new worker) first fetches the
-    newest complete one and resumes from it.
+    newest complete one and resumes from it. Once θ_k is committed they are deleted.
+    ``after_checkpoint`` is called with each local checkpoint dir once it is in the store.
     """
     from merit_core.train import train_branch as _train
 
@@ -254,6 +256,8 @@ def train_branch(cfg: MeritConfig, base: ModelRef, mixture: MixtureManifest, sou
 
     def upload(path: Path) -> None:
         store.commit_dir(f"{ckpt_prefix}/{path.name}", path, metadata={"kind": "train-checkpoint"})
+        if after_checkpoint is not None:
+            after_checkpoint(path)
 
     out = store.staging_dir(key)
     res = _train(base_dir, examples, out, cfg.train, checkpoint_dir=ckpt_dir,
@@ -264,6 +268,7 @@ def train_branch(cfg: MeritConfig, base: ModelRef, mixture: MixtureManifest, sou
         train_loss=res.train_loss, wall_s=res.wall_s, resumed_from_step=res.resumed_from_step,
     )
     store.commit_dir(key, Path(res.output_dir), metadata={"kind": "branch", "branch": ref.model_dump()})
+    store.delete_prefix(ckpt_prefix)
     shutil.rmtree(work, ignore_errors=True)
     return ref
 
@@ -345,6 +350,86 @@ def write_run_report(cfg: MeritConfig, run_id: str, **parts) -> tuple[dict, str]
     data = write_report(staging, run_id=run_id, **parts)
     md = (staging / "report.md").read_text()
     uri = store.commit_dir(key, staging, metadata={"kind": "report"})
+    md += f"\n\nReport files: `{uri}` (report.md, report.json, PNGs)\n"
+    data["report_uri"] = uri
+    return data, md
+
+
+# --- study: out-of-mixture benchmarks, displacement, study report (docs/study.md) ---
+
+
+def resolve_benchmarks(cfg: MeritConfig, base: ModelRef):
+    """Tokenize every benchmark of ``cfg.eval.benchmarks`` like held-out data (all
+    examples for evaluation, at most ``eval.benchmark_max_examples``) and store them under
+    ``benchmarks/<content-hash>/examples.jsonl``.
+
+    Returns:
+        BenchmarkSuite (empty when no benchmark is configured).
+    """
+    from merit_core.benchmarks import BenchmarkInfo, BenchmarkSuite, load_benchmark
+    from merit_core.data import content_hash
+
+    if not cfg.eval.benchmarks:
+        return BenchmarkSuite(benchmarks=[])
+    store = store_for(cfg)
+    tokenizer = load_base_tokenizer(store, base)
+    infos = []
+    for spec in cfg.eval.benchmarks:
+        examples, counts = load_benchmark(spec, tokenizer, max_length=cfg.data.max_length,
+                                          max_examples=cfg.eval.benchmark_max_examples, seed=cfg.data.seed,
+                                          chat_template=cfg.data.chat_template)
+        digest = content_hash([], examples, [])
+        key = safe_key("benchmarks", digest)
+        if not store.is_complete(key):
+            staging = store.staging_dir(key)
+            write_examples(staging / "examples.jsonl", examples)
+            store.commit_dir(key, staging, metadata={"kind": "tokenized-benchmark", "benchmark": spec.name})
+        infos.append(BenchmarkInfo(name=spec.name, kind=spec.kind, task=spec.task or spec.path or spec.dataset or "",
+                                   content_hash=digest, key=key, **counts))
+        logger.info("benchmark %s: %d examples (%d multiple choice)", spec.name, counts["examples"],
+                    counts["multiple_choice"])
+    return BenchmarkSuite(benchmarks=infos)
+
+
+def evaluate_benchmarks(cfg: MeritConfig, model: ModelRef, suite) -> dict | None:
+    """Out-of-mixture metrics of one model on every benchmark of ``suite`` (EvalTable
+    dict), or None when the suite is empty."""
+    from merit_core.benchmarks import evaluate_benchmarks_dir
+
+    if not suite.benchmarks:
+        return None
+    store = store_for(cfg)
+    examples = {b.name: read_examples(store.fetch_dir(b.key) / "examples.jsonl") for b in suite.benchmarks}
+    t0 = time.perf_counter()
+    table = evaluate_benchmarks_dir(store.fetch_dir(model.key), examples, batch_size=cfg.eval.batch_size,
+                                    max_new_tokens=cfg.eval.max_new_tokens, chat_template=cfg.data.chat_template,
+                                    name=model.label or model.key)
+    logger.info("benchmarks of %s in %.1f s", model.label or model.key, time.perf_counter() - t0)
+    return table.model_dump()
+
+
+def displacement(cfg: MeritConfig, base: ModelRef, models: dict[str, ModelRef]) -> dict[str, float]:
+    """||θ − θ(0)||_2 of each model (label -> norm), streamed from the store."""
+    from merit_core.diagnostics import displacement_norms
+
+    store = store_for(cfg)
+    return displacement_norms(store.fetch_dir(base.key), {k: store.fetch_dir(m.key) for k, m in models.items()})
+
+
+def write_study_report(cfg: MeritConfig, study_id: str, **parts) -> tuple[dict, str]:
+    """Write the study's report.md/json and PNGs to ``runs/<study-id>/report/``.
+
+    Returns:
+        (report dict, report markdown with the store URI of the files).
+    """
+    from merit_core.study_report import write_study_report as _write
+
+    store = store_for(cfg)
+    key = safe_key("runs", study_id, "report")
+    staging = store.staging_dir(key)
+    data = _write(staging, study_id=study_id, config=cfg, **parts)
+    md = (staging / "report.md").read_text()
+    uri = store.commit_dir(key, staging, metadata={"kind": "study-report"})
     md += f"\n\nReport files: `{uri}` (report.md, report.json, PNGs)\n"
     data["report_uri"] = uri
     return data, md
