@@ -52,6 +52,15 @@ class SourceSpec(_Strict):
         return self
 
 
+def _unique_source_names(specs: list[SourceSpec], what: str, field: str) -> list[SourceSpec]:
+    seen: set[str] = set()
+    for s in specs:
+        if s.name in seen:
+            raise ValueError(f"duplicate {what} name {s.name!r} in {field}")
+        seen.add(s.name)
+    return specs
+
+
 class DataConfig(_Strict):
     """The training mixture and how it is tokenized and split."""
 
@@ -71,12 +80,7 @@ class DataConfig(_Strict):
     @field_validator("sources")
     @classmethod
     def _unique_names(cls, v: list[SourceSpec]) -> list[SourceSpec]:
-        seen: set[str] = set()
-        for s in v:
-            if s.name in seen:
-                raise ValueError(f"duplicate source name {s.name!r} in data.sources")
-            seen.add(s.name)
-        return v
+        return _unique_source_names(v, "source", "data.sources")
 
 
 class ModelConfig(_Strict):
@@ -162,12 +166,7 @@ class EvalConfig(_Strict):
     @field_validator("benchmarks")
     @classmethod
     def _unique_benchmarks(cls, v: list[SourceSpec]) -> list[SourceSpec]:
-        seen: set[str] = set()
-        for s in v:
-            if s.name in seen:
-                raise ValueError(f"duplicate benchmark name {s.name!r} in eval.benchmarks")
-            seen.add(s.name)
-        return v
+        return _unique_source_names(v, "benchmark", "eval.benchmarks")
 
 
 class StoreConfig(_Strict):

@@ -93,3 +93,16 @@ def tiny_model_dir(tmp_path, tiny_tokenizer, tiny_model):
     tiny_model.save_pretrained(out)
     tiny_tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """A real S3 endpoint: moto in server mode on a free 127.0.0.1 port (boto3 talks
+    HTTP to it unchanged). Stopped when the module's tests are done."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()

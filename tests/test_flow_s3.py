@@ -14,7 +14,6 @@ import uuid
 import boto3
 import pytest
 import torch
-from moto.server import ThreadedMotoServer
 from safetensors.torch import load_file
 
 from merit_core import stages
@@ -25,12 +24,8 @@ SOURCES = ["alpha", "beta", "gamma", "delta"]
 
 
 @pytest.fixture(scope="module")
-def endpoint():
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
+def endpoint(s3_endpoint):
+    return s3_endpoint
 
 
 @pytest.fixture()

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import boto3
 import pytest
-from moto.server import ThreadedMotoServer
 
 from merit_core.config import StoreConfig
 from merit_core.manifest import MANIFEST_NAME
@@ -50,12 +49,8 @@ KEY = "runs/r1/branches/0"
 
 
 @pytest.fixture(scope="module")
-def endpoint():
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
+def endpoint(s3_endpoint):
+    return s3_endpoint
 
 
 @pytest.fixture(autouse=True)
