@@ -21,10 +21,12 @@ from merit_core.config import MeritConfig, apply_overrides, load_config
 from merit_core.store import safe_key
 from tasks import (
     conflict_task,
+    evaluate_benchmarks_task,
     evaluate_task,
     merge_task,
     prepare_base_task,
     report_task,
+    resolve_benchmarks_task,
     resolve_mixture_task,
     source_gradient_task,
     split_task,
@@ -134,8 +136,16 @@ def merit(config: MeritConfig, config_path: str | None = None, overrides: list[s
         tables = {label: evaluate_task(config, ref.model_copy(update={"label": label}), mixture)
                   for label, ref in models.items()}
 
+    # Out-of-mixture benchmarks (eval.benchmarks): tasks that no branch trained on.
+    benchmarks = {}
+    if config.eval.benchmarks:
+        with stage("evaluate benchmarks"):
+            suite = resolve_benchmarks_task(config, base)
+            benchmarks = {label: evaluate_benchmarks_task(config, ref.model_copy(update={"label": label}), suite)
+                          for label, ref in models.items()}
+
     report = report_task(config, run_id, mixture=mixture, conflict=conflict, partition=partition,
-                         tables=tables, branches=branches, timings=timings,
+                         tables=tables, branches=branches, timings=timings, benchmarks=benchmarks,
                          extra={"models": {k: v.model_dump() for k, v in models.items()}})
     log.info("report: %s", report["report_uri"])
     return report

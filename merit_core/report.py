@@ -127,8 +127,11 @@ def write_report(
     branches: Mapping[str, Sequence[BranchCheckpoint]],
     timings: Sequence[StageTiming],
     extra: Mapping | None = None,
+    benchmarks: Mapping[str, dict] | None = None,
 ) -> dict:
-    """Write report.md, report.json and the PNGs into ``out_dir``; return the JSON dict."""
+    """Write report.md, report.json and the PNGs into ``out_dir``; return the JSON dict.
+
+    ``benchmarks``: model -> EvalTable dict on the out-of-mixture benchmarks (optional)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plot_conflict(conflict, out / HEATMAP)
@@ -141,6 +144,14 @@ def write_report(
         "closer to θ(0)); the paper's claim is about out-of-mixture benchmarks.",
         "",
     ]
+    if benchmarks:
+        md += ["## Out-of-mixture benchmarks", "", "Evaluation-only tasks (eval.benchmarks) that no model trained on.", ""]
+        for metric, title in [("mc_accuracy", "Multiple-choice accuracy by option log-likelihood"),
+                              ("mc_accuracy_norm", "Length-normalised multiple-choice accuracy"),
+                              ("exact_match", "Exact match of greedy answers")]:
+            t = _metrics_table(benchmarks, metric)
+            if t:
+                md += [f"### {title}", "", t, ""]
     md += ["## Partition", "", f"method: {partition.method}, K = {partition.k}"]
     if evr:
         md.append("explained variance of the PCs: " + ", ".join(f"PC{i + 1} {v:.1%}" for i, v in enumerate(evr)))
@@ -170,6 +181,7 @@ def write_report(
         "metrics": dict(tables),
         "branches": {k: [b.model_dump() for b in v] for k, v in branches.items()},
         "timings": [t.model_dump() for t in timings],
+        "benchmarks": dict(benchmarks or {}),
         **(dict(extra) if extra else {}),
     }
     (out / "report.json").write_text(json.dumps(data, indent=2))

@@ -2,12 +2,16 @@
 
 from tasks.stages import (  # noqa: F401
     conflict_task,
+    displacement_task,
+    evaluate_benchmarks_task,
     evaluate_task,
     merge_task,
     prepare_base_task,
     report_task,
+    resolve_benchmarks_task,
     resolve_mixture_task,
     source_gradient_task,
     split_task,
+    study_report_task,
     train_branch_task,
 )

@@ -22,6 +22,7 @@ from merit_core.artifacts import (
     SketchRef,
     SourceInfo,
 )
+from merit_core.benchmarks import BenchmarkSuite
 from merit_core.config import MeritConfig
 
 STORAGE_RETRIES = dict(retries=2, retry_delay_seconds=[5, 20])
@@ -91,4 +92,42 @@ def report_task(config: MeritConfig, run_id: str, **parts) -> dict:
         row.update({k: v for k, v in table["mean"].items() if k != "source" and v is not None})
         means.append(row)
     create_table_artifact(key="merit-summary", table=means, description="Mean held-out metrics per model")
+    return report
+
+
+# --- study (flows/study.py) ---------------------------------------------------------
+
+
+@task(name="resolve-benchmarks", **STORAGE_RETRIES)
+def resolve_benchmarks_task(config: MeritConfig, base: ModelRef) -> BenchmarkSuite:
+    """Out-of-mixture benchmarks, tokenized like held-out data (merit_core.benchmarks)."""
+    suite = stages.resolve_benchmarks(config, base)
+    if suite.benchmarks:
+        create_table_artifact(key="benchmarks", table=[b.model_dump(exclude={"key"}) for b in suite.benchmarks],
+                              description="Out-of-mixture benchmarks: examples per benchmark (never trained on)")
+    return suite
+
+
+@task(name="evaluate-benchmarks", task_run_name="benchmarks-{model.label}")
+def evaluate_benchmarks_task(config: MeritConfig, model: ModelRef, suite: BenchmarkSuite) -> dict | None:
+    return stages.evaluate_benchmarks(config, model, suite)
+
+
+@task(name="displacement", **STORAGE_RETRIES)
+def displacement_task(config: MeritConfig, base: ModelRef, models: dict[str, ModelRef]) -> dict[str, float]:
+    """||θ − θ(0)|| of each model (merit_core.diagnostics.displacement_norms)."""
+    return stages.displacement(config, base, models)
+
+
+@task(name="study-report", **STORAGE_RETRIES)
+def study_report_task(config: MeritConfig, study_id: str, **parts) -> dict:
+    """Write the study report to the store and publish it as Prefect artifacts."""
+    report, md = stages.write_study_report(config, study_id, **parts)
+    create_markdown_artifact(key="merit-study-report", markdown=md, description=f"MERIT study {study_id}")
+    create_table_artifact(
+        key="merit-study-comparisons",
+        table=[{k: c[k] for k in ("model", "baseline", "metric", "mean_diff", "ci_low", "ci_high", "sign_p",
+                                  "exceeds_noise")} for c in report["summary"]["comparisons"]],
+        description="Paired comparisons over seeds (model − baseline)",
+    )
     return report

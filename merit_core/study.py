@@ -1,0 +1,409 @@
+"""The study's statistics: is a difference between MERIT and a baseline larger than the
+seed-to-seed noise? (issue 7; docs/study.md)
+
+A study trains every model once per seed s = 0..N−1 — joint training with data-order
+seed ``train.seed + s``, MERIT with the same data-order seed, a random split drawn with
+``split.seed + s`` — and evaluates them on the same held-out and benchmark examples. The
+comparisons are therefore *paired* by seed: d_s = metric(MERIT, s) − metric(baseline, s).
+
+Over the N paired differences:
+
+- mean and sample standard deviation (ddof = 1) — :func:`mean_std`;
+- a Student-t confidence interval for the mean difference,
+  d̄ ± t_{(1+c)/2, N−1} · s_d / √N — :func:`t_interval`;
+- an exact two-sided sign test: ties (d_s = 0) dropped, n = remaining seeds, k = seeds
+  where MERIT is ahead, p = min(1, 2 · Σ_{i ≤ min(k, n−k)} C(n, i) / 2ⁿ) —
+  :func:`sign_test`. With n seeds the smallest attainable p is 2/2ⁿ (0.25 for 3 seeds),
+  so the sign test can only confirm a difference with 6 or more seeds;
+- :func:`summarise` puts them together and states the verdict in words: the difference
+  "exceeds the noise" when the confidence interval excludes 0.
+
+Everything here is a pure function of numbers and the config (no I/O, no prefect).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from pydantic import BaseModel, Field
+
+from merit_core.config import MeritConfig
+
+# ---------------------------------------------------------------- statistics
+
+
+def paired_differences(a: Sequence[float], b: Sequence[float]) -> list[float]:
+    """d_s = a_s − b_s for paired per-seed scores.
+
+    Raises:
+        ValueError: different lengths or no pair.
+    """
+    if len(a) != len(b):
+        raise ValueError(f"paired_differences: {len(a)} scores against {len(b)}; pairs need one per seed each")
+    if not a:
+        raise ValueError("paired_differences: no scores")
+    return [float(x) - float(y) for x, y in zip(a, b)]
+
+
+def mean_std(x: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof = 1; NaN for a single value).
+
+    Raises:
+        ValueError: empty input.
+    """
+    n = len(x)
+    if n == 0:
+        raise ValueError("mean_std: no values")
+    m = math.fsum(x) / n
+    if n < 2:
+        return m, math.nan
+    return m, math.sqrt(math.fsum((v - m) ** 2 for v in x) / (n - 1))
+
+
+def t_quantile(p: float, df: int) -> float:
+    """The p-quantile of Student's t with ``df`` degrees of freedom (scipy)."""
+    from scipy.stats import t
+
+    return float(t.ppf(p, df))
+
+
+def t_interval(x: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
+    """Two-sided Student-t confidence interval for the mean of ``x``:
+    x̄ ± t_{(1+c)/2, n−1} · s / √n. (NaN, NaN) for fewer than two values."""
+    n = len(x)
+    m, s = mean_std(x)
+    if n < 2:
+        return math.nan, math.nan
+    half = t_quantile((1 + confidence) / 2, n - 1) * s / math.sqrt(n)
+    return m - half, m + half
+
+
+@dataclass(frozen=True)
+class SignTest:
+    """Exact two-sided sign test of paired differences."""
+
+    positives: int
+    negatives: int
+    ties: int
+    p_value: float
+
+    @property
+    def n(self) -> int:
+        """Non-tied pairs (the test's sample size)."""
+        return self.positives + self.negatives
+
+
+def sign_test(diffs: Sequence[float], tol: float = 0.0) -> SignTest:
+    """Exact two-sided binomial sign test of H0: P(d > 0) = P(d < 0) = ½.
+
+    Differences with |d| ≤ ``tol`` are ties and dropped. With n non-tied pairs and
+    k = min(positives, negatives): p = min(1, 2 · Σ_{i=0..k} C(n, i) / 2ⁿ); p = 1 when
+    n = 0.
+    """
+    pos = sum(1 for d in diffs if d > tol)
+    neg = sum(1 for d in diffs if d < -tol)
+    ties = len(diffs) - pos - neg
+    n = pos + neg
+    if n == 0:
+        return SignTest(pos, neg, ties, 1.0)
+    k = min(pos, neg)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+    return SignTest(pos, neg, ties, min(1.0, 2 * tail))
+
+
+class Comparison(BaseModel):
+    """A paired comparison of one metric: ``model`` − ``baseline`` over seeds."""
+
+    metric: str
+    metric_key: str = Field("", description="Short name of the metric (e.g. bench_acc, heldout_loss).")
+    model: str
+    baseline: str
+    higher_is_better: bool | None
+    n: int
+    model_scores: list[float]
+    baseline_scores: list[float]
+    diffs: list[float]
+    mean_diff: float
+    std_diff: float
+    confidence: float
+    ci_low: float
+    ci_high: float
+    positives: int
+    negatives: int
+    ties: int
+    sign_p: float
+    exceeds_noise: bool = Field(description="The confidence interval excludes 0.")
+    sign_significant: bool = Field(description="Sign test p < alpha.")
+    favours: str | None = Field(None, description="Which model the mean difference favours (None: no direction).")
+    verdict: str
+
+
+def _num(x: float, digits: int = 3) -> str:
+    return "nan" if x is None or math.isnan(x) else f"{x:+.{digits}f}"
+
+
+def summarise(model_scores: Sequence[float], baseline_scores: Sequence[float], *, metric: str, model: str,
+              baseline: str, higher_is_better: bool | None = True, confidence: float = 0.95,
+              alpha: float = 0.05, digits: int = 3) -> Comparison:
+    """Paired comparison ``model − baseline`` of per-seed scores, with the verdict in words.
+
+    ``higher_is_better``: True for accuracies, False for losses, None where the metric
+    has no better direction (e.g. displacement) — the verdict then says larger/smaller.
+    The difference "exceeds the noise" when the ``confidence`` t interval excludes 0;
+    the sign test (p < ``alpha``) is reported beside it.
+    """
+    d = paired_differences(model_scores, baseline_scores)
+    n = len(d)
+    m, s = mean_std(d)
+    lo, hi = t_interval(d, confidence)
+    st = sign_test(d)
+    exceeds = n >= 2 and not math.isnan(lo) and (lo > 0 or hi < 0)
+    if m == 0 or higher_is_better is None:
+        favours = None
+    else:
+        favours = model if (m > 0) == bool(higher_is_better) else baseline
+    if higher_is_better is None:
+        direction = "larger" if m > 0 else "smaller"
+    else:
+        direction = "better" if favours == model else "worse"
+    pct = f"{confidence:.0%}"
+    ci = f"{pct} CI [{_num(lo, digits)}, {_num(hi, digits)}]"
+    ahead = st.positives if (higher_is_better is not False) else st.negatives
+    sign = f"sign test: {ahead} of {n} seeds favour {model} over {baseline}" if higher_is_better is not None else \
+        f"sign test: {st.positives} of {n} seeds larger"
+    sign += f", p = {st.p_value:.3g}"
+    if n < 2:
+        verdict = (f"{metric}: one seed only ({model} − {baseline} = {_num(m, digits)}); the seed-to-seed noise "
+                   "cannot be estimated — run more seeds")
+    elif exceeds:
+        verdict = (f"{metric}: {model} is {direction} than {baseline} by {abs(m):.{digits}f} ({ci} excludes 0) — "
+                   f"the difference exceeds the seed-to-seed noise; {sign}")
+        if not st.p_value < alpha:
+            verdict += (f" (not significant on its own: with {st.n} non-tied seeds the smallest possible "
+                        f"p is {min(1.0, 2 / 2 ** st.n) if st.n else 1.0:.3g})")
+    else:
+        verdict = (f"{metric}: no difference beyond the noise between {model} and {baseline} (mean difference "
+                   f"{_num(m, digits)}, {ci} includes 0; {sign})")
+        if st.p_value < alpha:
+            verdict += "; the sign test does find a consistent direction"
+    return Comparison(
+        metric=metric, model=model, baseline=baseline, higher_is_better=higher_is_better, n=n,
+        model_scores=[float(x) for x in model_scores], baseline_scores=[float(x) for x in baseline_scores],
+        diffs=d, mean_diff=m, std_diff=s, confidence=confidence, ci_low=lo, ci_high=hi,
+        positives=st.positives, negatives=st.negatives, ties=st.ties, sign_p=st.p_value,
+        exceeds_noise=exceeds, sign_significant=st.p_value < alpha, favours=favours, verdict=verdict,
+    )
+
+
+# ---------------------------------------------------------------- the study plan
+
+
+@dataclass(frozen=True)
+class Seed:
+    """One repetition: data-order seed of every training run, seed of the random split."""
+
+    index: int
+    train_seed: int
+    split_seed: int
+
+
+def seeds(cfg: MeritConfig, n: int | None = None) -> list[Seed]:
+    """The study's repetitions: ``train.seed + i`` and ``split.seed + i``, i < n
+    (``n`` defaults to ``study.seeds``)."""
+    n = cfg.study.seeds if n is None else n
+    if n < 1:
+        raise ValueError(f"a study needs at least one seed, got {n}")
+    return [Seed(i, cfg.train.seed + i, cfg.split.seed + i) for i in range(n)]
+
+
+def r_values(cfg: MeritConfig) -> list[int]:
+    """MERIT-rD variants of the study (``study.r_values``, default ``[split.r]``)."""
+    return list(cfg.study.r_values or [cfg.split.r])
+
+
+def merit_label(r: int) -> str:
+    return f"merit-r{r}"
+
+
+def uniform_label(r: int) -> str:
+    return f"merit-r{r}-uniform"
+
+
+def random_label(r: int) -> str:
+    return f"random-r{r}"
+
+
+def model_labels(cfg: MeritConfig) -> list[str]:
+    """Models trained per seed, in report order (``base`` is trained by nobody)."""
+    out = ["joint"]
+    for r in r_values(cfg):
+        out.append(merit_label(r))
+        if cfg.study.uniform_merge:
+            out.append(uniform_label(r))
+        out.append(random_label(r))
+    return out
+
+
+def comparisons(cfg: MeritConfig) -> list[tuple[str, str]]:
+    """(model, baseline) pairs the report tests: MERIT − joint, MERIT − random split,
+    token-weighted − uniform merge, for every r."""
+    out = []
+    for r in r_values(cfg):
+        out += [(merit_label(r), "joint"), (merit_label(r), random_label(r))]
+        if cfg.study.uniform_merge:
+            out.append((merit_label(r), uniform_label(r)))
+    return out
+
+
+def check_study_config(cfg: MeritConfig) -> None:
+    """Refuse settings under which the comparison is not budget-matched.
+
+    Raises:
+        ValueError: ``train.max_steps > 0`` (every branch would take max_steps, K times the
+            joint budget; a study counts epochs so joint training and the branches see the
+            same examples the same number of times).
+    """
+    if cfg.train.max_steps and cfg.train.max_steps > 0:
+        raise ValueError(
+            f"train.max_steps={cfg.train.max_steps}: a study needs epoch-based training (train.max_steps: -1) so "
+            "that joint training and the branches see the same examples the same number of times"
+        )
+
+
+# ---------------------------------------------------------------- per-model results
+
+
+class ModelResult(BaseModel):
+    """Everything measured for one model of one seed (``seed`` None: θ(0))."""
+
+    label: str
+    seed: int | None = None
+    heldout: dict = Field(description="EvalTable dict on the in-mixture held-out data.")
+    benchmarks: dict | None = Field(None, description="EvalTable dict on the out-of-mixture benchmarks.")
+    displacement: float | None = None
+    branches: int = 0
+    steps: int = 0
+    trained_tokens: int = 0
+    examples: int = 0
+    train_wall_s: float = 0.0
+
+
+def model_result(label: str, seed: int | None, heldout: dict, benchmarks: dict | None = None,
+                 displacement: float | None = None, branches: Sequence = ()) -> ModelResult:
+    """A :class:`ModelResult` with the training budget summed over ``branches``
+    (:class:`merit_core.artifacts.BranchCheckpoint`; for a merged model: all K branches)."""
+    return ModelResult(
+        label=label, seed=seed, heldout=heldout, benchmarks=benchmarks, displacement=displacement,
+        branches=len(branches), steps=sum(b.steps for b in branches),
+        trained_tokens=sum(b.trained_tokens for b in branches), examples=sum(b.examples for b in branches),
+        train_wall_s=sum(b.wall_s for b in branches),
+    )
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A number read from a :class:`ModelResult`; ``higher_is_better`` None: no direction."""
+
+    name: str
+    title: str
+    higher_is_better: bool | None
+    get: Callable[[ModelResult], float | None]
+
+
+def _mean_of(table_key: str, field: str) -> Callable[[ModelResult], float | None]:
+    def get(m: ModelResult) -> float | None:
+        table = getattr(m, table_key)
+        return None if table is None else table["mean"].get(field)
+
+    return get
+
+
+def _bench(name: str, norm: bool = False) -> Callable[[ModelResult], float | None]:
+    from merit_core.benchmarks import score, score_norm
+
+    def get(m: ModelResult) -> float | None:
+        if m.benchmarks is None:
+            return None
+        for row in m.benchmarks["rows"]:
+            if row["source"] == name:
+                return (score_norm if norm else score)(row)
+        return None
+
+    return get
+
+
+def _bench_avg(norm: bool) -> Callable[[ModelResult], float | None]:
+    from merit_core.benchmarks import average, score, score_norm
+
+    return lambda m: None if m.benchmarks is None else average(m.benchmarks, score_norm if norm else score)
+
+
+def headline_metrics() -> list[Metric]:
+    """The study's main metrics: out-of-mixture first (the paper's claim), then in-mixture."""
+    return [
+        Metric("bench_acc", "benchmarks: mean accuracy (out-of-mixture)", True, _bench_avg(False)),
+        Metric("bench_acc_norm", "benchmarks: mean length-normalised accuracy", True, _bench_avg(True)),
+        Metric("heldout_loss", "in-mixture held-out loss (nats/token)", False, _mean_of("heldout", "loss")),
+        Metric("heldout_exact_match", "in-mixture exact match", True, _mean_of("heldout", "exact_match")),
+        Metric("heldout_mc_accuracy", "in-mixture multiple-choice accuracy", True, _mean_of("heldout", "mc_accuracy")),
+        Metric("displacement", "displacement ||θ − θ(0)||", None, lambda m: m.displacement),
+    ]
+
+
+def benchmark_metrics(names: Sequence[str]) -> list[Metric]:
+    """One metric per benchmark: its headline score (:func:`merit_core.benchmarks.score`)."""
+    return [Metric(f"bench:{n}", n, True, _bench(n)) for n in names]
+
+
+def per_seed(results: Sequence[ModelResult], label: str, metric: Metric) -> list[float | None]:
+    """``metric`` of model ``label`` for each seed, in seed order."""
+    rows = sorted((r for r in results if r.label == label), key=lambda r: r.seed if r.seed is not None else -1)
+    return [metric.get(r) for r in rows]
+
+
+def summarise_study(results: Sequence[ModelResult], pairs: Sequence[tuple[str, str]], metrics: Sequence[Metric],
+                    confidence: float = 0.95) -> dict:
+    """Mean ± std per model and metric, and the paired comparisons.
+
+    Returns:
+        ``{"models": {label: {metric: {"values", "mean", "std"}}}, "comparisons": [Comparison dicts]}``;
+        metrics without a value for some seed of a model are left out for that model.
+    """
+    labels = list(dict.fromkeys(r.label for r in results))
+    models: dict[str, dict] = {}
+    for label in labels:
+        models[label] = {}
+        for m in metrics:
+            vals = per_seed(results, label, m)
+            if vals and all(v is not None for v in vals):
+                mean, std = mean_std(vals)
+                models[label][m.name] = {"values": vals, "mean": mean, "std": std}
+    out = []
+    for model, baseline in pairs:
+        for m in metrics:
+            a, b = per_seed(results, model, m), per_seed(results, baseline, m)
+            if a and len(a) == len(b) and all(v is not None for v in a + b):
+                c = summarise(a, b, metric=m.title, model=model, baseline=baseline,
+                              higher_is_better=m.higher_is_better, confidence=confidence)
+                out.append(c.model_copy(update={"metric_key": m.name}).model_dump())
+    return {"models": models, "comparisons": out}
+
+
+def budget_rows(results: Sequence[ModelResult]) -> Mapping[str, dict]:
+    """Per model: mean optimizer steps, trained tokens, examples seen and training wall
+    time over seeds, and whether every seed saw the same tokens as joint training."""
+    out: dict[str, dict] = {}
+    joint = {r.seed: r.trained_tokens for r in results if r.label == "joint"}
+    for label in dict.fromkeys(r.label for r in results if r.seed is not None):
+        rs = [r for r in results if r.label == label]
+        out[label] = {
+            "branches": rs[0].branches,
+            "steps": mean_std([r.steps for r in rs])[0],
+            "trained_tokens": mean_std([r.trained_tokens for r in rs])[0],
+            "examples": mean_std([r.examples for r in rs])[0],
+            "train_wall_s": mean_std([r.train_wall_s for r in rs])[0],
+            "same_tokens_as_joint": all(joint.get(r.seed) == r.trained_tokens for r in rs) if joint else None,
+        }
+    return out
