@@ -173,6 +173,8 @@ def summarise(model_scores: Sequence[float], baseline_scores: Sequence[float], *
     ahead = st.positives if (higher_is_better is not False) else st.negatives
     sign = f"sign test: {ahead} of {n} seeds favour {model} over {baseline}" if higher_is_better is not None else \
         f"sign test: {st.positives} of {n} seeds larger"
+    if st.ties:
+        sign += f" ({st.ties} tie{'s' if st.ties > 1 else ''} dropped)"
     sign += f", p = {st.p_value:.3g}"
     if n < 2:
         verdict = (f"{metric}: one seed only ({model} − {baseline} = {_num(m, digits)}); the seed-to-seed noise "

@@ -80,7 +80,7 @@ def plot_bars(values: Mapping[str, Mapping[str, tuple[float, float]]], path: str
     ax.set_xticks(x, cats, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend(fontsize=7, ncol=min(4, len(models)))
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -193,17 +193,21 @@ def test_benchmarks_load_all_examples_and_score_by_options(tiny_tokenizer, tiny_
 # ---------------------------------------------------------------- the flow on a tiny model
 
 
-def test_study_flow_tiny(tmp_path, tiny_model_dir, monkeypatch):
+@pytest.fixture(scope="module")
+def harness():
     from prefect.testing.utilities import prefect_test_harness
 
-    from flows.study import merit_study
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def tiny_study_config(tmp_path, model_dir) -> MeritConfig:
     from tests.helpers import write_jsonl_sources
 
-    monkeypatch.setenv("MERIT_CACHE_DIR", str(tmp_path / "cache"))
     bench = write_jsonl_sources(tmp_path / "bench", ["short_answer"], n=6)
-    cfg = MeritConfig.model_validate({
+    return MeritConfig.model_validate({
         "run": {"name": "tiny"},
-        "model": {"source": str(tiny_model_dir)},
+        "model": {"source": str(model_dir)},
         "data": {"sources": write_jsonl_sources(tmp_path / "data", ["alpha", "beta", "gamma", "delta"], n=16),
                  "max_length": 64, "heldout_min": 4, "heldout_max": 4},
         "conflict": {"calibration_size": 8, "sketch_dim": 512},
@@ -213,8 +217,28 @@ def test_study_flow_tiny(tmp_path, tiny_model_dir, monkeypatch):
                  "benchmarks": [*bench, {"name": "sports", "task": "sports_understanding"}]},
         "store": {"uri": str(tmp_path / "store")},
     })
-    with prefect_test_harness(server_startup_timeout=120):
-        report = merit_study(cfg, n_seeds=2)
+
+
+def test_merit_flow_evaluates_benchmarks(harness, tmp_path, tiny_model_dir, monkeypatch):
+    from flows.merit import merit
+
+    monkeypatch.setenv("MERIT_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = tiny_study_config(tmp_path, tiny_model_dir)
+    cfg = cfg.model_copy(update={"baselines": cfg.baselines.model_copy(update={"joint": False, "random_split": False})})
+    report = merit(cfg)
+    assert set(report["benchmarks"]) == {"base", "merit"}
+    rows = report["benchmarks"]["merit"]["rows"]
+    assert [r["source"] for r in rows] == ["short_answer", "sports"] and rows[1]["n_mc"] == 4
+    md = (tmp_path / "store" / "runs" / report["run_id"] / "report" / "report.md").read_text()
+    assert "## Out-of-mixture benchmarks" in md and "| sports |" in md
+
+
+def test_study_flow_tiny(harness, tmp_path, tiny_model_dir, monkeypatch):
+    from flows.study import merit_study
+
+    monkeypatch.setenv("MERIT_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = tiny_study_config(tmp_path, tiny_model_dir)
+    report = merit_study(cfg, n_seeds=2)
     labels = ["base", "joint", "merit-r1", "merit-r1-uniform", "random-r1"]
     assert report["models"] == labels
     results = report["results"]
