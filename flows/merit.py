@@ -34,6 +34,31 @@ from tasks import (
 )
 
 
+def resolve_config(config: MeritConfig, config_path: str | None, overrides: list[str] | None) -> MeritConfig:
+    """The run's config: the YAML at ``config_path`` (read when the run starts) if set,
+    else ``config``; ``overrides`` (``key.path=value``) applied on top."""
+    if config_path:
+        config = load_config(config_path, overrides)
+        get_run_logger().info("config: %s (%d sources)", config_path, len(config.data.sources))
+    elif overrides:
+        config = MeritConfig.model_validate(apply_overrides(config.model_dump(mode="json"), overrides))
+    return config
+
+
+def stage_timer(timings: list[StageTiming]):
+    """A context-manager factory: ``with stage("name"):`` logs the stage's wall time and
+    appends it to ``timings`` (for the report)."""
+
+    @contextmanager
+    def stage(name: str):
+        t0 = time.perf_counter()
+        yield
+        timings.append(StageTiming(stage=name, seconds=time.perf_counter() - t0))
+        get_run_logger().info("stage %s: %.1f s", name, timings[-1].seconds)
+
+    return stage
+
+
 @flow(name="merit-branch", flow_run_name="{label}-branch-{index}")
 def merit_branch(config: MeritConfig, base: ModelRef, mixture: MixtureManifest, sources: list[str],
                  run_id: str, label: str, index: int) -> BranchCheckpoint:
@@ -81,20 +106,10 @@ def merit(config: MeritConfig, config_path: str | None = None, overrides: list[s
     ``overrides`` are ``key.path=value`` strings applied on top, like ``merit run --set``.
     """
     log = get_run_logger()
-    if config_path:
-        config = load_config(config_path, overrides)
-        log.info("config: %s (%d sources)", config_path, len(config.data.sources))
-    elif overrides:
-        config = MeritConfig.model_validate(apply_overrides(config.model_dump(mode="json"), overrides))
+    config = resolve_config(config, config_path, overrides)
     run_id = safe_key(f"{config.run.name}-{(flow_run.get_id() or 'local')[:8]}")
     timings: list[StageTiming] = []
-
-    @contextmanager
-    def stage(name: str):
-        t0 = time.perf_counter()
-        yield
-        timings.append(StageTiming(stage=name, seconds=time.perf_counter() - t0))
-        log.info("stage %s: %.1f s", name, timings[-1].seconds)
+    stage = stage_timer(timings)
 
     with stage("prepare base θ(0)"):
         base = prepare_base_task(config)

@@ -19,15 +19,13 @@ It is composed of the same tasks as the ``merit`` flow (tasks/stages.py) and tra
 branches through ``flows.merit.run_branches`` (local, processes or deployment).
 """
 
-import time
-from contextlib import contextmanager
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from flows.merit import run_branches
+from flows.merit import resolve_config, run_branches, stage_timer
 from merit_core.artifacts import ModelRef, StageTiming
-from merit_core.config import MeritConfig, apply_overrides, load_config
+from merit_core.config import MeritConfig
 from merit_core.store import safe_key
 from merit_core.study import (
     check_study_config,
@@ -65,23 +63,14 @@ def merit_study(config: MeritConfig, n_seeds: int | None = None, config_path: st
     ``study.seeds``), evaluate them in and out of the mixture, and report whether the
     differences exceed the noise. ``config_path`` / ``overrides`` as in flow ``merit``."""
     log = get_run_logger()
-    if config_path:
-        config = load_config(config_path, overrides)
-    elif overrides:
-        config = MeritConfig.model_validate(apply_overrides(config.model_dump(mode="json"), overrides))
+    config = resolve_config(config, config_path, overrides)
     if n_seeds is not None:
         config = _with(config, study={"seeds": n_seeds})
     check_study_config(config)
     study_id = safe_key(config.study.id or f"{config.run.name}-study-{(flow_run.get_id() or 'local')[:8]}")
     log.info("study %s: %d seeds, r in %s", study_id, config.study.seeds, r_values(config))
     timings: list[StageTiming] = []
-
-    @contextmanager
-    def stage(name: str):
-        t0 = time.perf_counter()
-        yield
-        timings.append(StageTiming(stage=name, seconds=time.perf_counter() - t0))
-        log.info("stage %s: %.1f s", name, timings[-1].seconds)
+    stage = stage_timer(timings)
 
     def evaluate(model: ModelRef, label: str, seed: int | None, branches=(), disp: float | None = None):
         model = model.model_copy(update={"label": label if seed is None else f"{label}-s{seed}"})
