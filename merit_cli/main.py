@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+
+# The embedded Prefect server of a local run must not try to phone home (no network).
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 from merit_cli.sources import sources_app
 
