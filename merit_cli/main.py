@@ -42,6 +42,18 @@ def _load(config: Path, overrides: list[str] | None):
         raise typer.Exit(2) from None
 
 
+def _exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit so a killed `merit run`/`merit study` unwinds like
+    Ctrl-C: Prefect marks the flow run crashed and stops the temporary local server it
+    started (the default SIGTERM action would leave that server process running)."""
+    import signal
+
+    def _handler(signum, frame):  # noqa: ARG001 - signal handler signature
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _handler)
+
+
 def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -50,6 +62,7 @@ def _setup_logging() -> None:
 def run(config: ConfigArg, set_: SetOpt = None) -> None:
     """Run the whole MERIT pipeline (flow `merit`) and print the per-source table."""
     cfg = _load(config, set_)
+    _exit_on_sigterm()
     from flows.merit import merit
     from merit_core.report import metrics_markdown
 
@@ -67,6 +80,7 @@ def study(
 ) -> None:
     """Joint vs MERIT vs random split over N seeds, in and out of the mixture (flow `merit-study`)."""
     cfg = _load(config, set_)
+    _exit_on_sigterm()
     from flows.study import merit_study
     from merit_core.study_report import MAIN_METRICS
 
@@ -133,15 +147,10 @@ def eval_(
     cfg = _load(config, set_)
     _setup_logging()
     from merit_core import stages
-    from merit_core.evaluate import evaluate_dir
 
     base = stages.prepare_base(cfg)
     m = stages.resolve_mixture(cfg, base)
-    store = stages.store_for(cfg)
-    heldout = {s.name: stages.load_split(store, s, "heldout") for s in m.sources}
-    table = evaluate_dir(model_dir, heldout, batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
-                         generate=cfg.eval.generate, multiple_choice=cfg.eval.multiple_choice,
-                         max_examples_per_source=cfg.eval.max_examples_per_source)
+    table = stages.evaluate_model_dir(cfg, model_dir, m)
     typer.echo(table.to_markdown())
 
 

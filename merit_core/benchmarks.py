@@ -110,8 +110,9 @@ def _has_options(e: TokenizedExample) -> bool:
 
 def evaluate_benchmarks(model, tokenizer, suite: Mapping[str, Sequence[TokenizedExample]], *,
                         batch_size: int = 8, max_new_tokens: int = 32, chat_template: str | None = None,
-                        name: str | None = None) -> EvalTable:
-    """Evaluate ``model`` on every benchmark (in ``suite`` order).
+                        name: str | None = None, bf16: bool = False) -> EvalTable:
+    """Evaluate ``model`` on every benchmark (in ``suite`` order); ``bf16`` runs the
+    forward passes under bf16 autocast (:func:`merit_core.precision.bf16_autocast`).
 
     Benchmarks whose examples all have options are scored only by option log-likelihood
     (``mc_accuracy``, ``mc_accuracy_norm``; exactly :func:`merit_core.evaluate.evaluate_model`'s
@@ -121,9 +122,11 @@ def evaluate_benchmarks(model, tokenizer, suite: Mapping[str, Sequence[Tokenized
     """
     import torch
 
+    from merit_core.precision import bf16_autocast
     from merit_core.evaluate import (
         EvalRow,
         EvalTable,
+        _device,
         _pad_id,
         _source_mc,
         evaluate_model,
@@ -136,7 +139,7 @@ def evaluate_benchmarks(model, tokenizer, suite: Mapping[str, Sequence[Tokenized
         was_training = model.training
         model.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), bf16_autocast(_device(model), bf16):
                 for n, ex in mc.items():
                     acc, acc_norm = _source_mc(model, tokenizer, ex, batch_size, _pad_id(tokenizer), chat_template,
                                                "bytes")
@@ -145,7 +148,7 @@ def evaluate_benchmarks(model, tokenizer, suite: Mapping[str, Sequence[Tokenized
             model.train(was_training)
     if short:
         t = evaluate_model(model, tokenizer, short, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                           generate=True, multiple_choice=True, chat_template=chat_template)
+                           generate=True, multiple_choice=True, chat_template=chat_template, bf16=bf16)
         rows.update({r.source: r for r in t.rows})
     return EvalTable.from_rows([rows[n] for n in suite], model=name)
 

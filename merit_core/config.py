@@ -104,6 +104,8 @@ class ConflictConfig(_Strict):
     seed: int = 0
     kind: Literal["cosine", "gram"] = "cosine"
     batch_size: int = Field(8, ge=1)
+    bf16: bool = Field(False, description="bf16 autocast for the calibration passes (float32 gradient "
+                                          "sums); ignored with a warning where the device lacks bf16.")
 
 
 class SplitConfig(_Strict):
@@ -129,7 +131,8 @@ class TrainConfig(_Strict):
     seed: int = 0
     save_steps: int = Field(50, ge=1, description="Checkpoint every N optimizer steps (resume).")
     logging_steps: int = Field(5, ge=1)
-    bf16: bool = False
+    bf16: bool = Field(False, description="bf16 mixed precision (float32 master weights): CUDA AMP, or CPU "
+                                          "autocast where the CPU has AVX512-BF16/AMX; else float32 with a warning.")
     deepspeed: str | None = Field(None, description="Path to a DeepSpeed config (GPU only).")
     gradient_checkpointing: bool = False
     group_by_length: bool = Field(
@@ -156,6 +159,8 @@ class EvalConfig(_Strict):
     max_new_tokens: int = Field(32, ge=1)
     generate: bool = True
     multiple_choice: bool = True
+    bf16: bool = Field(False, description="bf16 autocast for evaluation forward passes and generation; "
+                                          "ignored with a warning where the device lacks bf16.")
     benchmarks: list[SourceSpec] = Field(
         default_factory=list,
         description="Out-of-mixture benchmarks: evaluation-only sources that no branch trains on "

@@ -34,6 +34,7 @@ from pydantic import BaseModel, Field
 from merit_core.batching import batches, response_loss_sum
 from merit_core.data.format import prompt_ids, response_ids
 from merit_core.data.types import IGNORE_INDEX, TokenizedExample
+from merit_core.precision import bf16_autocast
 
 METRICS: tuple[str, ...] = ("loss", "exact_match", "mc_accuracy", "mc_accuracy_norm")
 """Metric fields of an :class:`EvalRow`, in table order."""
@@ -208,6 +209,7 @@ def evaluate_model(
     max_examples_per_source: int | None = None,
     mc_norm: Literal["bytes", "tokens"] = "bytes",
     name: str | None = None,
+    bf16: bool = False,
 ) -> EvalTable:
     """Evaluate ``model`` on held-out examples of each source (spec step 6, in-mixture).
 
@@ -229,6 +231,9 @@ def evaluate_model(
         mc_norm: length normalisation of ``mc_accuracy_norm``: ``"bytes"`` (UTF-8 bytes
             of the option text, min 1) or ``"tokens"`` (option tokens incl. eos).
         name: label stored in ``EvalTable.model``.
+        bf16: run every forward pass and generation under bf16 autocast
+            (:func:`merit_core.precision.bf16_autocast`; float32 weights and float32
+            log-softmax). Compare only tables computed with the same setting.
 
     Returns:
         An :class:`EvalTable` with one row per source (in ``heldout`` order) and the mean.
@@ -248,27 +253,37 @@ def evaluate_model(
     was_training = model.training
     model.eval()
     try:
-        rows = []
-        for source, examples in heldout.items():
-            examples = list(examples)[:max_examples_per_source]
-            row = EvalRow(source=source, n=len(examples))
-            if examples:
-                row.loss, row.n_tokens = _source_loss(model, examples, batch_size, pad_id)
-                if generate:
-                    row.exact_match = _source_exact_match(
-                        model, tokenizer, examples, batch_size, max_new_tokens, pad_id, chat_template
-                    )
-                if multiple_choice:
-                    mc = [e for e in examples if _has_options(e)]
-                    if mc:
-                        row.mc_accuracy, row.mc_accuracy_norm = _source_mc(
-                            model, tokenizer, mc, batch_size, pad_id, chat_template, mc_norm
-                        )
-                        row.n_mc = len(mc)
-            rows.append(row)
+        with bf16_autocast(_device(model), bf16):
+            rows = [
+                _evaluate_source(model, tokenizer, source, list(examples)[:max_examples_per_source],
+                                 batch_size=batch_size, max_new_tokens=max_new_tokens, generate=generate,
+                                 multiple_choice=multiple_choice, chat_template=chat_template,
+                                 mc_norm=mc_norm, pad_id=pad_id)
+                for source, examples in heldout.items()
+            ]
     finally:
         model.train(was_training)
     return EvalTable.from_rows(rows, model=name)
+
+
+def _evaluate_source(model, tokenizer, source: str, examples: list[TokenizedExample], *, batch_size: int,
+                     max_new_tokens: int, generate: bool, multiple_choice: bool, chat_template: str | None,
+                     mc_norm: str, pad_id: int) -> EvalRow:
+    """One :class:`EvalRow`: loss, exact match and MC accuracy of one source's examples."""
+    row = EvalRow(source=source, n=len(examples))
+    if not examples:
+        return row
+    row.loss, row.n_tokens = _source_loss(model, examples, batch_size, pad_id)
+    if generate:
+        row.exact_match = _source_exact_match(model, tokenizer, examples, batch_size, max_new_tokens, pad_id,
+                                              chat_template)
+    if multiple_choice:
+        mc = [e for e in examples if _has_options(e)]
+        if mc:
+            row.mc_accuracy, row.mc_accuracy_norm = _source_mc(model, tokenizer, mc, batch_size, pad_id,
+                                                               chat_template, mc_norm)
+            row.n_mc = len(mc)
+    return row
 
 
 def evaluate_dir(

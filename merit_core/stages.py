@@ -157,6 +157,7 @@ def source_gradient(cfg: MeritConfig, base: ModelRef, source: SourceInfo) -> Ske
     from merit_core.conflict import make_sketcher
     from merit_core.conflict import source_gradient as _grad
     from merit_core.models import load_model
+    from merit_core.precision import resolve_bf16
 
     store = store_for(cfg)
     key = sketch_key(cfg, base, source)
@@ -169,7 +170,7 @@ def source_gradient(cfg: MeritConfig, base: ModelRef, source: SourceInfo) -> Ske
     calib = load_split(store, source, "calibration")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     vec = _grad(model, batches(calib, cfg.conflict.batch_size, pad), trainable=cfg.model.trainable,
-                sketcher=make_sketcher(cfg.conflict))
+                sketcher=make_sketcher(cfg.conflict), bf16=resolve_bf16(cfg.conflict.bf16, _device(), "conflict.bf16"))
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "sketch.npy"
         np.save(path, vec.astype(np.float32))
@@ -318,19 +319,39 @@ def merge(cfg: MeritConfig, base: ModelRef, branches: Sequence[BranchCheckpoint]
 def evaluate(cfg: MeritConfig, model: ModelRef, mixture: MixtureManifest) -> dict:
     """Held-out metrics of one model on every source of the mixture (spec step 6,
     in-mixture); returns the EvalTable as a dict."""
+    store = store_for(cfg)
+    t0 = time.perf_counter()
+    table = evaluate_model_dir(cfg, store.fetch_dir(model.key), mixture, name=model.label or model.key)
+    logger.info("evaluated %s in %.1f s", model.label or model.key, time.perf_counter() - t0)
+    return table.model_dump()
+
+
+def evaluate_model_dir(cfg: MeritConfig, model_dir: str | Path, mixture: MixtureManifest, name: str | None = None):
+    """:func:`merit_core.evaluate.evaluate_dir` of a local model directory on the
+    mixture's held-out splits, with the ``eval`` settings of ``cfg``."""
     from merit_core.evaluate import evaluate_dir
 
     store = store_for(cfg)
     heldout = {s.name: load_split(store, s, "heldout") for s in mixture.sources}
-    t0 = time.perf_counter()
-    table = evaluate_dir(
-        store.fetch_dir(model.key), heldout, batch_size=cfg.eval.batch_size,
+    return evaluate_dir(
+        model_dir, heldout, batch_size=cfg.eval.batch_size,
         max_new_tokens=cfg.eval.max_new_tokens, generate=cfg.eval.generate,
         multiple_choice=cfg.eval.multiple_choice, chat_template=cfg.data.chat_template,
-        max_examples_per_source=cfg.eval.max_examples_per_source,
+        max_examples_per_source=cfg.eval.max_examples_per_source, bf16=_eval_bf16(cfg),
+        name=name or str(model_dir),
     )
-    logger.info("evaluated %s in %.1f s", model.label or model.key, time.perf_counter() - t0)
-    return table.model_dump()
+
+
+def _eval_bf16(cfg: MeritConfig) -> bool:
+    from merit_core.precision import resolve_bf16
+
+    return resolve_bf16(cfg.eval.bf16, _device(), "eval.bf16")
+
+
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 # --- report --------------------------------------------------------------------------
@@ -403,7 +424,7 @@ def evaluate_benchmarks(cfg: MeritConfig, model: ModelRef, suite) -> dict | None
     t0 = time.perf_counter()
     table = evaluate_benchmarks_dir(store.fetch_dir(model.key), examples, batch_size=cfg.eval.batch_size,
                                     max_new_tokens=cfg.eval.max_new_tokens, chat_template=cfg.data.chat_template,
-                                    name=model.label or model.key)
+                                    name=model.label or model.key, bf16=_eval_bf16(cfg))
     logger.info("benchmarks of %s in %.1f s", model.label or model.key, time.perf_counter() - t0)
     return table.model_dump()
 

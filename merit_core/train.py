@@ -23,6 +23,7 @@ import torch
 
 from merit_core.config import TrainConfig
 from merit_core.data.types import TokenizedExample
+from merit_core.precision import resolve_bf16
 
 logger = logging.getLogger(__name__)
 
@@ -171,6 +172,7 @@ def train_branch(
         model.gradient_checkpointing_enable()
 
     use_cuda = torch.cuda.is_available()
+    bf16 = resolve_bf16(cfg.bf16, "cuda" if use_cuda else "cpu", "train.bf16")
     args = TrainingArguments(
         output_dir=str(ckpt_root),
         per_device_train_batch_size=cfg.batch_size,
@@ -191,7 +193,7 @@ def train_branch(
         save_total_limit=2,
         report_to="none",
         use_cpu=not use_cuda,
-        bf16=cfg.bf16 and use_cuda,
+        bf16=bf16,
         deepspeed=cfg.deepspeed,
         dataloader_num_workers=0,
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
