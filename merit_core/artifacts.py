@@ -102,6 +102,7 @@ class BranchCheckpoint(BaseModel):
     train_loss: float
     wall_s: float
     resumed_from_step: int = 0
+    processes: int = Field(1, description="Training processes (GPUs) of this branch (torchrun when > 1).")
 
 
 class StageTiming(BaseModel):

@@ -124,7 +124,8 @@ class TrainConfig(_Strict):
     lr_scheduler: str = "cosine"
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1, description="Examples per micro-step over all processes of a branch "
+                                                 "(each of nproc_per_node processes takes batch_size / nproc).")
     gradient_accumulation_steps: int = Field(1, ge=1)
     epochs: float = Field(1.0, gt=0)
     max_steps: int = Field(-1, description="If > 0, overrides epochs.")
@@ -134,11 +135,28 @@ class TrainConfig(_Strict):
     bf16: bool = Field(False, description="bf16 mixed precision (float32 master weights): CUDA AMP, or CPU "
                                           "autocast where the CPU has AVX512-BF16/AMX; else float32 with a warning.")
     deepspeed: str | None = Field(None, description="Path to a DeepSpeed config (GPU only).")
+    nproc_per_node: int | Literal["auto"] = Field(
+        1, description="Processes (GPUs) per branch. > 1 launches the branch with torchrun: DDP, or DeepSpeed "
+        "ZeRO with train.deepspeed. 'auto' = the visible CUDA devices (1 without CUDA).")
     gradient_checkpointing: bool = False
     group_by_length: bool = Field(
         True, description="Batch examples of similar length together (less padding; seeded, resumable)."
     )
     threads: int | None = Field(None, ge=1, description="torch threads per branch (CPU).")
+
+    @field_validator("nproc_per_node")
+    @classmethod
+    def _positive_nproc(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError(f"must be ≥ 1 or 'auto', got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> TrainConfig:
+        if isinstance(self.nproc_per_node, int) and self.batch_size % self.nproc_per_node:
+            raise ValueError(f"train.batch_size={self.batch_size} is not divisible by "
+                             f"train.nproc_per_node={self.nproc_per_node} (the global batch is split evenly)")
+        return self
 
 
 class MergeConfig(_Strict):

@@ -234,8 +234,11 @@ def train_branch(cfg: MeritConfig, base: ModelRef, mixture: MixtureManifest, sou
     Checkpoints go to ``.../branches/<index>-checkpoints/checkpoint-<step>/`` in the
     store as they are written; a restarted branch (retry, new worker) first fetches the
     newest complete one and resumes from it. Once θ_k is committed they are deleted.
-    ``after_checkpoint`` is called with each local checkpoint dir once it is in the store.
+    ``after_checkpoint`` is called with each local checkpoint dir once it is in the store
+    (in-process branches only). With ``train.nproc_per_node`` > 1 the branch trains on
+    that many processes under torchrun (:mod:`merit_core.launch`).
     """
+    from merit_core.launch import resolve_nproc, run_distributed_branch
     from merit_core.train import train_branch as _train
 
     store = store_for(cfg)
@@ -261,12 +264,22 @@ def train_branch(cfg: MeritConfig, base: ModelRef, mixture: MixtureManifest, sou
             after_checkpoint(path)
 
     out = store.staging_dir(key)
-    res = _train(base_dir, examples, out, cfg.train, checkpoint_dir=ckpt_dir,
-                 dtype=cfg.model.dtype, on_checkpoint=upload)
+    nproc = resolve_nproc(cfg.train.nproc_per_node)
+    if nproc > 1:  # one branch, several GPUs: torchrun (DDP / DeepSpeed ZeRO), rank 0 uploads checkpoints
+        write_examples(work / "examples.jsonl", examples)
+        res = run_distributed_branch(
+            {"config": cfg.model_dump(mode="json"), "base_dir": str(base_dir),
+             "examples": str(work / "examples.jsonl"), "output_dir": str(out), "checkpoint_dir": str(ckpt_dir),
+             "checkpoint_prefix": ckpt_prefix, "dtype": cfg.model.dtype},
+            work, nproc)
+    else:
+        res = _train(base_dir, examples, out, cfg.train, checkpoint_dir=ckpt_dir,
+                     dtype=cfg.model.dtype, on_checkpoint=upload)
     ref = BranchCheckpoint(
         index=index, label=label, key=key, uri=store.uri_for(key), sources=sorted(sources),
         trained_tokens=res.trained_tokens, examples=res.examples, steps=res.steps,
         train_loss=res.train_loss, wall_s=res.wall_s, resumed_from_step=res.resumed_from_step,
+        processes=res.processes,
     )
     store.commit_dir(key, Path(res.output_dir), metadata={"kind": "branch", "branch": ref.model_dump()})
     store.delete_prefix(ckpt_prefix)

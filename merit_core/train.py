@@ -47,6 +47,7 @@ class BranchResult:
         train_loss: mean training loss reported by the Trainer (nats/token).
         wall_s: wall time of training in seconds.
         resumed_from_step: step of the checkpoint the run resumed from (0 if none).
+        processes: processes that trained the branch together (torchrun world size).
     """
 
     output_dir: str
@@ -56,6 +57,7 @@ class BranchResult:
     train_loss: float
     wall_s: float
     resumed_from_step: int = 0
+    processes: int = 1
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -103,6 +105,11 @@ def newest_checkpoint(checkpoint_root: str | os.PathLike) -> Path | None:
     return max(found)[1] if found else None
 
 
+def world_size() -> int:
+    """Processes training this branch together (``WORLD_SIZE`` set by torchrun; 1 alone)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def _check_deepspeed(cfg: TrainConfig) -> None:
     if cfg.deepspeed and not torch.cuda.is_available():
         raise TrainError(
@@ -137,13 +144,19 @@ def train_branch(
             continues from the newest complete one.
         dtype: weights dtype for training (``float32`` on CPU).
         on_checkpoint: called with each checkpoint dir after the Trainer wrote it
-            (the pipeline uploads it to the object store).
+            (the pipeline uploads it to the object store); on rank 0 only.
+
+    Under torchrun (``WORLD_SIZE`` > 1, see :mod:`merit_core.launch`) every rank calls
+    this; each takes ``cfg.batch_size / WORLD_SIZE`` examples per micro-step, so the
+    global batch and the step count do not depend on the process count. Rank 0 writes
+    ``output_dir``; other ranks return the same BranchResult without writing it.
 
     Returns:
         BranchResult with N_k (``trained_tokens``) for the token-weighted merge.
 
     Raises:
-        TrainError: no examples, DeepSpeed without CUDA, missing DeepSpeed config.
+        TrainError: no examples, DeepSpeed without CUDA, missing DeepSpeed config,
+            ``cfg.batch_size`` not divisible by the process count.
     """
     from transformers import (
         AutoModelForCausalLM,
@@ -172,10 +185,13 @@ def train_branch(
         model.gradient_checkpointing_enable()
 
     use_cuda = torch.cuda.is_available()
+    world = world_size()
+    if cfg.batch_size % world:
+        raise TrainError(f"train.batch_size={cfg.batch_size} is not divisible by the {world} processes of this branch")
     bf16 = resolve_bf16(cfg.bf16, "cuda" if use_cuda else "cpu", "train.bf16")
     args = TrainingArguments(
         output_dir=str(ckpt_root),
-        per_device_train_batch_size=cfg.batch_size,
+        per_device_train_batch_size=cfg.batch_size // world,  # same global batch on any process count
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         learning_rate=cfg.learning_rate,
         lr_scheduler_type=cfg.lr_scheduler,
@@ -207,6 +223,8 @@ def train_branch(
 
         class _Upload(TrainerCallback):
             def on_save(self, args, state, control, **kwargs):  # noqa: D401 - HF signature
+                if not state.is_world_process_zero:
+                    return
                 path = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{state.global_step}"
                 if path.is_dir():
                     on_checkpoint(path)
@@ -229,13 +247,14 @@ def train_branch(
     wall = time.perf_counter() - t0
 
     tmp = output_dir.with_name(output_dir.name + ".partial")
-    if tmp.exists():
+    if trainer.is_world_process_zero() and tmp.exists():
         shutil.rmtree(tmp)
-    trainer.save_model(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
-    if output_dir.exists():
-        shutil.rmtree(output_dir)
-    os.replace(tmp, output_dir)
+    trainer.save_model(str(tmp))  # every rank (ZeRO-3 gathers the 16-bit weights); rank 0 writes
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(str(tmp))
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        os.replace(tmp, output_dir)
 
     loss = float(out.training_loss) if out.training_loss is not None else math.nan
     return BranchResult(
@@ -246,4 +265,5 @@ def train_branch(
         train_loss=loss,
         wall_s=wall,
         resumed_from_step=resumed_step,
+        processes=world,
     )

@@ -1,0 +1,85 @@
+"""One branch on several processes: torchrun (gloo DDP on CPU here, NCCL/DeepSpeed on GPUs)
+launched by merit_core.launch, through the branch stage and its store."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from merit_core import stages
+from merit_core.launch import resolve_nproc, run_distributed_branch
+from merit_core.train import TrainError
+from tests.test_flow import SOURCES, tiny_config
+
+
+@pytest.fixture()
+def prepared(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("MERIT_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = tiny_config(tmp_path, tiny_model_dir, train={"batch_size": 4, "save_steps": 3})
+    base = stages.prepare_base(cfg)
+    mixture = stages.resolve_mixture(cfg, base)
+    return cfg, base, mixture
+
+
+def test_branch_on_two_processes_matches_one_process(prepared):
+    cfg, base, mixture = prepared
+    one = stages.train_branch(cfg, base, mixture, SOURCES[:2], run_id="r1", label="merit", index=0)
+    cfg2 = cfg.model_copy(update={"train": cfg.train.model_copy(update={"nproc_per_node": 2})})
+    two = stages.train_branch(cfg2, base, mixture, SOURCES[:2], run_id="r2", label="merit", index=0)
+    assert (one.processes, two.processes) == (1, 2)
+    # same global batch -> the same steps and N_k whatever the process count
+    assert two.steps == one.steps and two.trained_tokens == one.trained_tokens and two.examples == one.examples
+    n_train = sum(mixture.get(s).train for s in SOURCES[:2])
+    assert one.steps == -(-n_train // 4)
+    store = stages.store_for(cfg)
+    assert store.is_complete(two.key)
+    assert store.list_complete(two.key + "-checkpoints") == []  # uploaded while training, removed at commit
+    w1 = load_file(str(store.fetch_dir(one.key) / "model.safetensors"))
+    w2 = load_file(str(store.fetch_dir(two.key) / "model.safetensors"))
+    w0 = load_file(str(store.fetch_dir(base.key) / "model.safetensors"))
+    # DDP averages per-rank mean losses, one process the mean over the batch: close, not equal
+    d1 = torch.cat([(w1[k] - w0[k]).flatten() for k in w0])
+    d2 = torch.cat([(w2[k] - w0[k]).flatten() for k in w0])
+    assert d2.norm() > 0
+    assert torch.nn.functional.cosine_similarity(d1, d2, dim=0) > 0.8
+
+
+def test_rank0_uploads_checkpoints_to_the_store(prepared, tmp_path):
+    cfg, base, mixture = prepared
+    store = stages.store_for(cfg)
+    examples = []
+    for name in SOURCES[:2]:
+        examples += stages.load_split(store, mixture.get(name), "train")
+    from merit_core.artifacts import write_examples
+
+    write_examples(tmp_path / "ex.jsonl", examples)
+    res = run_distributed_branch(
+        {"config": cfg.model_dump(mode="json"), "base_dir": str(store.fetch_dir(base.key)),
+         "examples": str(tmp_path / "ex.jsonl"), "output_dir": str(tmp_path / "out"),
+         "checkpoint_dir": str(tmp_path / "ck"), "checkpoint_prefix": "runs/x/ck", "dtype": "float32"},
+        tmp_path / "work", 2)
+    assert res.processes == 2 and res.steps >= 3
+    complete = store.list_complete("runs/x/ck")
+    assert complete and all("checkpoint-" in k for k in complete)
+    assert json.loads((tmp_path / "work" / "result.json").read_text())["steps"] == res.steps
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_failing_rank_raises_with_its_output(prepared, tmp_path):
+    cfg, _, _ = prepared
+    with pytest.raises(TrainError, match=r"exit code [1-9](.|\n)*none.jsonl"):
+        run_distributed_branch(
+            {"config": cfg.model_dump(mode="json"), "base_dir": str(tmp_path / "does-not-exist"),
+             "examples": str(tmp_path / "none.jsonl"), "output_dir": str(tmp_path / "out"),
+             "checkpoint_dir": str(tmp_path / "ck"), "checkpoint_prefix": None},
+            tmp_path / "work", 2)
+    assert not (tmp_path / "out").exists()
+
+
+def test_resolve_nproc():
+    assert resolve_nproc(3) == 3
+    expected = torch.cuda.device_count() if torch.cuda.is_available() else 1
+    assert resolve_nproc("auto") == max(1, expected)
