@@ -19,6 +19,8 @@ from prefect.task_runners import ProcessPoolTaskRunner
 from merit_core.artifacts import BranchCheckpoint, MixtureManifest, ModelRef, StageTiming
 from merit_core.config import MeritConfig, apply_overrides, load_config
 from merit_core.store import safe_key
+from merit_core.launch import resolve_nproc
+from merit_core.train import check_train_setup
 from tasks import (
     conflict_task,
     evaluate_benchmarks_task,
@@ -36,12 +38,16 @@ from tasks import (
 
 def resolve_config(config: MeritConfig, config_path: str | None, overrides: list[str] | None) -> MeritConfig:
     """The run's config: the YAML at ``config_path`` (read when the run starts) if set,
-    else ``config``; ``overrides`` (``key.path=value``) applied on top."""
+    else ``config``; ``overrides`` (``key.path=value``) applied on top. When branches
+    train on this machine, settings it cannot train with fail here
+    (:func:`merit_core.train.check_train_setup`), before any stage runs."""
     if config_path:
         config = load_config(config_path, overrides)
         get_run_logger().info("config: %s (%d sources)", config_path, len(config.data.sources))
     elif overrides:
         config = MeritConfig.model_validate(apply_overrides(config.model_dump(mode="json"), overrides))
+    if config.run.branch_execution != "deployment":  # branches train here: check now, not after the gradients
+        check_train_setup(config.train, resolve_nproc(config.train.nproc_per_node))
     return config
 
 

@@ -11,10 +11,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import socket
+import subprocess
 import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -44,14 +51,85 @@ def _load(config: Path, overrides: list[str] | None):
 
 def _exit_on_sigterm() -> None:
     """Turn SIGTERM into SystemExit so a killed `merit run`/`merit study` unwinds like
-    Ctrl-C: Prefect marks the flow run crashed and stops the temporary local server it
-    started (the default SIGTERM action would leave that server process running)."""
+    Ctrl-C: Prefect marks the flow run crashed and the local server is stopped."""
     import signal
 
     def _handler(signum, frame):  # noqa: ARG001 - signal handler signature
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, _handler)
+
+
+@contextlib.contextmanager
+def _prefect_api(timeout: float = 180) -> Iterator[None]:
+    """A Prefect API for a local run: the configured one (``PREFECT_API_URL``), or else
+    ``prefect server start`` on a free loopback port for the length of the command.
+
+    The server gets its own session (process group), so a terminal's Ctrl-C or a
+    ``kill``/``timeout`` of the whole group reaches only `merit`, which then marks the
+    flow run crashed through the still-running server and stops it (Prefect's own
+    temporary server would share the group, die first, and leave the run retrying API
+    calls for minutes).
+    """
+    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+
+    if get_current_settings().api.url:
+        yield
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/api"
+    log = tempfile.NamedTemporaryFile(prefix="merit-prefect-server-", suffix=".log", delete=False)
+    env = {**os.environ, "PREFECT_UI_ENABLED": "false", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    prefect_exe = Path(sys.executable).with_name("prefect")
+    cmd = [str(prefect_exe) if prefect_exe.exists() else "prefect", "server", "start",
+           "--host", "127.0.0.1", "--port", str(port)]
+    typer.echo(f"starting a local Prefect server on {url} (log: {log.name})", err=True)
+    server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        t0 = time.monotonic()
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(f"the local Prefect server exited with code {server.returncode}; see {log.name}")
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() - t0 > timeout:
+                raise RuntimeError(f"the local Prefect server at {url} was not healthy after {timeout:.0f} s; "
+                                   f"see {log.name}")
+            time.sleep(0.5)
+        os.environ["PREFECT_API_URL"] = url  # process-pool branches and torchrun ranks inherit it
+        with temporary_settings({PREFECT_API_URL: url}):
+            yield
+    finally:
+        _drain_prefect_workers()  # send queued logs/events while the server is still up
+        os.environ.pop("PREFECT_API_URL", None)
+        server.terminate()
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        log.close()
+        typer.echo(f"stopped the local Prefect server on {url}", err=True)
+
+
+def _drain_prefect_workers(timeout: float = 10) -> None:
+    """Flush Prefect's background log and event workers (as ``prefect_test_harness``
+    does before it stops its server); otherwise they retry against the stopped server
+    at interpreter exit."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        try:
+            worker.drain_all(timeout=timeout)
+        except Exception as e:  # noqa: BLE001 - best effort at shutdown
+            logging.getLogger(__name__).debug("draining %s failed: %s", worker.__name__, e)
 
 
 def _setup_logging() -> None:
@@ -66,7 +144,8 @@ def run(config: ConfigArg, set_: SetOpt = None) -> None:
     from flows.merit import merit
     from merit_core.report import metrics_markdown
 
-    report = merit(cfg)
+    with _prefect_api():
+        report = merit(cfg)
     typer.echo("\n" + metrics_markdown(report["metrics"]))
     typer.echo("\nstage timings (s): " + ", ".join(f"{t['stage']} {t['seconds']:.0f}" for t in report["timings"]))
     typer.echo(f"report: {report['report_uri']}")
@@ -84,7 +163,8 @@ def study(
     from flows.study import merit_study
     from merit_core.study_report import MAIN_METRICS
 
-    report = merit_study(cfg, n_seeds=seeds)
+    with _prefect_api():
+        report = merit_study(cfg, n_seeds=seeds)
     typer.echo("")
     for c in report["summary"]["comparisons"]:
         if c["metric_key"] in MAIN_METRICS:

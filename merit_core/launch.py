@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from merit_core.train import BranchResult, TrainError
+from merit_core.train import BranchResult, TrainError, TrainSetupError
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,8 @@ def run_distributed_branch(spec: dict[str, Any], work_dir: str | os.PathLike, np
         logger.info("[torchrun] %s", line)
     rc = proc.wait()
     if rc != 0:
-        raise TrainError(f"distributed branch ({nproc} processes) failed with exit code {rc}; last output:\n"
+        error = TrainSetupError if any("TrainSetupError" in line for line in tail) else TrainError
+        raise error(f"distributed branch ({nproc} processes) failed with exit code {rc}; last output:\n"
                          + "\n".join(tail))
     if not result_path.is_file():
         raise TrainError(f"distributed branch finished but rank 0 wrote no {result_path}")

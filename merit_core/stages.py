@@ -239,6 +239,7 @@ def train_branch(cfg: MeritConfig, base: ModelRef, mixture: MixtureManifest, sou
     that many processes under torchrun (:mod:`merit_core.launch`).
     """
     from merit_core.launch import resolve_nproc, run_distributed_branch
+    from merit_core.train import check_train_setup
     from merit_core.train import train_branch as _train
 
     store = store_for(cfg)
@@ -265,7 +266,8 @@ def train_branch(cfg: MeritConfig, base: ModelRef, mixture: MixtureManifest, sou
 
     out = store.staging_dir(key)
     nproc = resolve_nproc(cfg.train.nproc_per_node)
-    if nproc > 1:  # one branch, several GPUs: torchrun (DDP / DeepSpeed ZeRO), rank 0 uploads checkpoints
+    check_train_setup(cfg.train, nproc)
+    if nproc > 1 or cfg.train.deepspeed:  # torchrun (DDP / DeepSpeed ZeRO, which needs its env even on 1 GPU)
         write_examples(work / "examples.jsonl", examples)
         res = run_distributed_branch(
             {"config": cfg.model_dump(mode="json"), "base_dir": str(base_dir),

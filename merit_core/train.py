@@ -34,6 +34,12 @@ class TrainError(RuntimeError):
     """A branch cannot train (bad input or an unsupported setting); names the cause."""
 
 
+class TrainSetupError(TrainError):
+    """A setting this machine cannot run (DeepSpeed without CUDA, a missing DeepSpeed
+    config, a batch the process count does not divide, no examples): retrying the
+    branch cannot help, so the pipeline does not retry it."""
+
+
 @dataclass
 class BranchResult:
     """What one finished branch reports (small; travels between pipeline stages).
@@ -110,14 +116,30 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def check_train_setup(cfg: TrainConfig, nproc: int = 1) -> None:
+    """Fail fast on settings this machine cannot train with, before any work.
+
+    The flow calls this when it starts (for branches that run on this machine), and
+    every branch again before training.
+
+    Raises:
+        TrainSetupError: DeepSpeed without CUDA, a missing DeepSpeed config file, or
+            ``cfg.batch_size`` not divisible by ``nproc`` processes.
+    """
+    _check_deepspeed(cfg)
+    if cfg.batch_size % nproc:
+        raise TrainSetupError(f"train.batch_size={cfg.batch_size} is not divisible by the {nproc} processes "
+                              f"of a branch (train.nproc_per_node={cfg.nproc_per_node!r})")
+
+
 def _check_deepspeed(cfg: TrainConfig) -> None:
     if cfg.deepspeed and not torch.cuda.is_available():
-        raise TrainError(
+        raise TrainSetupError(
             f"train.deepspeed={cfg.deepspeed!r} needs CUDA GPUs, but torch sees none on this machine; "
             "unset train.deepspeed to train on CPU"
         )
     if cfg.deepspeed and not Path(cfg.deepspeed).is_file():
-        raise TrainError(f"train.deepspeed: DeepSpeed config file {cfg.deepspeed} does not exist")
+        raise TrainSetupError(f"train.deepspeed: DeepSpeed config file {cfg.deepspeed} does not exist")
 
 
 def train_branch(
@@ -168,8 +190,7 @@ def train_branch(
     )
 
     if not examples:
-        raise TrainError("train_branch: the branch has no training examples")
-    _check_deepspeed(cfg)
+        raise TrainSetupError("train_branch: the branch has no training examples")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     output_dir = Path(output_dir)
@@ -186,8 +207,7 @@ def train_branch(
 
     use_cuda = torch.cuda.is_available()
     world = world_size()
-    if cfg.batch_size % world:
-        raise TrainError(f"train.batch_size={cfg.batch_size} is not divisible by the {world} processes of this branch")
+    check_train_setup(cfg, world)
     bf16 = resolve_bf16(cfg.bf16, "cuda" if use_cuda else "cpu", "train.bf16")
     args = TrainingArguments(
         output_dir=str(ckpt_root),

@@ -25,8 +25,17 @@ from merit_core.artifacts import (
 from merit_core.benchmarks import BenchmarkSuite
 from merit_core.config import MeritConfig
 
+
+
+def _retry_unless_setup_error(task, task_run, state) -> bool:  # noqa: ARG001 - Prefect's signature
+    """Retry a failed branch unless it failed on a setting retries cannot fix."""
+    from merit_core.train import TrainSetupError
+
+    return not isinstance(state.result(raise_on_failure=False), TrainSetupError)
+
+
 STORAGE_RETRIES = dict(retries=2, retry_delay_seconds=[5, 20])
-TRAIN_RETRIES = dict(retries=2, retry_delay_seconds=[10, 60])
+TRAIN_RETRIES = dict(retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=_retry_unless_setup_error)
 
 
 @task(name="prepare-base", **STORAGE_RETRIES)

@@ -1,5 +1,6 @@
-"""`merit run` stopped with SIGTERM (a scheduler, `timeout`, `kill`) stops the temporary
-Prefect server it started, as Ctrl-C does: a real CLI process, a real server."""
+"""`merit run` stopped by a signal stops the local Prefect server it started, promptly:
+SIGTERM to the `merit` process (a scheduler, `kill PID`) and SIGINT to its whole
+process group (a terminal's Ctrl-C, `timeout`). A real CLI process, a real server."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.test_flow import tiny_config
@@ -26,37 +29,48 @@ def _port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def test_sigterm_stops_the_temporary_server(tmp_path, tiny_model_dir):
-    cfg = tiny_config(tmp_path, tiny_model_dir)
+@pytest.mark.parametrize("target,sig", [("process", signal.SIGTERM), ("group", signal.SIGINT)])
+def test_signal_stops_the_run_and_its_server(tmp_path, tiny_model_dir, target, sig):
+    cfg = tiny_config(tmp_path, tiny_model_dir, train={"epochs": 100})  # branches train for a while
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), MERIT_CACHE_DIR=str(tmp_path / "cache"))
     proc = subprocess.Popen([sys.executable, "-m", "merit_cli.main", "run", str(config)], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    port, seen = None, []
+    port, training, seen = None, False, []
     try:
         sel = selectors.DefaultSelector()
         sel.register(proc.stdout, selectors.EVENT_READ)
         deadline = time.monotonic() + 180
-        while port is None and time.monotonic() < deadline and proc.poll() is None:
+        while not training and time.monotonic() < deadline and proc.poll() is None:
             if sel.select(timeout=1):
                 line = proc.stdout.readline()
                 seen.append(line)
-                if m := re.search(r"Starting temporary server on http://127\.0\.0\.1:(\d+)", line):
+                if m := re.search(r"local Prefect server on http://127\.0\.0\.1:(\d+)", line):
                     port = int(m.group(1))
-        assert port is not None, "no temporary server started:\n" + "".join(seen[-30:])
+                training = training or "Beginning subflow run 'merit-branch-0'" in line
+        assert port is not None, "no local server started:\n" + "".join(seen[-30:])
+        assert training, "no branch started training:\n" + "".join(seen[-30:])
+        # keep draining the output so that the run never blocks on a full pipe
+        threading.Thread(target=lambda: seen.extend(proc.stdout), daemon=True).start()
         deadline = time.monotonic() + 120
         while not _port_open(port) and time.monotonic() < deadline:
             time.sleep(0.5)
         assert _port_open(port), f"temporary server never listened on {port}"
-        proc.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        if target == "group":
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
         rc = proc.wait(timeout=120)
+        waited = time.monotonic() - t0
         assert rc != 0  # interrupted, not completed
+        assert waited < 60, f"merit took {waited:.0f} s to stop after {sig.name} to the {target}"
         deadline = time.monotonic() + 30
         while _port_open(port) and time.monotonic() < deadline:
             time.sleep(0.5)
-        assert not _port_open(port), f"the temporary Prefect server still listens on {port} after SIGTERM"
+        assert not _port_open(port), f"the local Prefect server still listens on {port} after {sig.name}"
     finally:  # whatever happened, nothing of the run may outlive the test (its server included)
         try:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -142,3 +142,43 @@ def test_merit_core_never_imports_prefect():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_deepspeed_without_cuda_fails_before_any_stage(harness, tmp_path, tiny_model_dir, monkeypatch):
+    import torch
+
+    from merit_core.train import TrainSetupError
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA; the no-CUDA error path is not reachable")
+    monkeypatch.setenv("MERIT_CACHE_DIR", str(tmp_path / "cache"))
+    from flows.merit import merit
+
+    cfg = tiny_config(tmp_path, tiny_model_dir, train={"deepspeed": "deployments/ds_zero2.json"})
+    with pytest.raises(TrainSetupError, match="needs CUDA"):
+        merit(cfg)
+    assert not (tmp_path / "store" / "sketches").exists() and not (tmp_path / "store" / "runs").exists()
+
+
+def test_train_retries_skip_setup_errors(harness):
+    from prefect import flow, task
+
+    from merit_core.train import TrainError, TrainSetupError
+    from tasks.stages import TRAIN_RETRIES
+
+    attempts: list[str] = []
+
+    @task(**{**TRAIN_RETRIES, "retry_delay_seconds": 0})
+    def branch(error: type[Exception]) -> None:
+        attempts.append(error.__name__)
+        raise error("boom")
+
+    @flow
+    def run(error: type[Exception]) -> None:
+        branch(error)
+
+    for error, expected in ((TrainSetupError, 1), (TrainError, 1 + TRAIN_RETRIES["retries"])):
+        attempts.clear()
+        with pytest.raises(error):
+            run(error)
+        assert len(attempts) == expected, (error.__name__, attempts)
