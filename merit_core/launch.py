@@ -117,6 +117,13 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(spec["result"] + ".partial")
         tmp.write_text(json.dumps(res.to_dict()))
         os.replace(tmp, spec["result"])
+    # Leave together: a rank that exits while others still use the process group
+    # aborts in the group's destructor ("terminate called without an active exception").
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
     return 0
 
 
