@@ -103,6 +103,9 @@ class BranchCheckpoint(BaseModel):
     wall_s: float
     resumed_from_step: int = 0
     processes: int = Field(1, description="Training processes (GPUs) of this branch (torchrun when > 1).")
+    packed: bool = Field(False, description="Trained on padding-free packed batches (train.packing).")
+    real_token_fraction: float | None = Field(
+        None, description="Example tokens / all trained positions (padding excluded), rank 0's batches.")
 
 
 class StageTiming(BaseModel):

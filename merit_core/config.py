@@ -143,6 +143,14 @@ class TrainConfig(_Strict):
         True, description="Batch examples of similar length together (less padding; seeded, resumable)."
     )
     threads: int | None = Field(None, ge=1, description="torch threads per branch (CPU).")
+    packing: bool = Field(
+        True, description="Padding-free batches: the examples of a micro-step are concatenated into rows of at "
+        "most train.pack_tokens tokens, each example with its own positions and attending only to itself. "
+        "Same examples per step, same loss and gradients as padded batches. A model that does not keep packed "
+        "examples apart (checked when the branch starts) trains on padded batches, with a warning.")
+    pack_tokens: int = Field(
+        4096, ge=8, description="Most tokens in one packed row (≥ data.max_length). Attention inside a row "
+        "costs O(pack_tokens) per token, so a few times data.max_length is enough.")
 
     @field_validator("nproc_per_node")
     @classmethod
@@ -289,6 +297,13 @@ class MeritConfig(_Strict):
             k = 2**r
             if t and k > t:
                 raise ValueError(f"{field}: r={r} asks for K=2^r={k} groups but data.sources has only {t} sources")
+        return self
+
+    @model_validator(mode="after")
+    def _check_pack_tokens(self) -> "MeritConfig":
+        if self.train.packing and self.train.pack_tokens < self.data.max_length:
+            raise ValueError(f"train.pack_tokens={self.train.pack_tokens} is smaller than data.max_length="
+                             f"{self.data.max_length}: a packed row must hold the longest example")
         return self
 
     @model_validator(mode="after")

@@ -161,12 +161,16 @@ def write_report(
     md += ["", f"![conflict matrix]({HEATMAP})", ""]
     if pca_png:
         md += [f"![PCA]({PCA_PLOT})", ""]
-    md += ["## Branches", "", "| model | branch | sources | examples | steps | trained tokens N_k | train loss | wall s |",
-           "|---|---:|---|---:|---:|---:|---:|---:|"]
+    md += ["## Branches", "", ("| model | branch | sources | examples | steps | trained tokens N_k | train loss | "
+                               "wall s | real tokens |"),
+           "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     for label, bs in branches.items():
         for b in bs:
+            real = "–" if b.real_token_fraction is None else f"{b.real_token_fraction:.1%}"
+            real += " (packed)" if b.packed else ""
             md.append(f"| {label} | {b.index} | {', '.join(b.sources)} | {b.examples} | {b.steps} | "
-                      f"{b.trained_tokens} | {b.train_loss:.3f} | {b.wall_s:.1f} |")
+                      f"{b.trained_tokens} | {b.train_loss:.3f} | {b.wall_s:.1f} | {real} |")
+    md += ["", "Real tokens: example tokens / all trained positions (the rest is padding).", ""]
     md += ["", "## Mixture", "", _mixture_table(mixture), ""]
     md += ["## Stage wall time", "", "| stage | seconds |", "|---|---:|"]
     md += [f"| {t.stage} | {t.seconds:.1f} |" for t in timings]

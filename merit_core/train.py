@@ -23,6 +23,7 @@ import torch
 
 from merit_core.config import TrainConfig
 from merit_core.data.types import TokenizedExample
+from merit_core.batching import PackedCollator, packing_supported
 from merit_core.precision import resolve_bf16
 
 logger = logging.getLogger(__name__)
@@ -54,6 +55,9 @@ class BranchResult:
         wall_s: wall time of training in seconds.
         resumed_from_step: step of the checkpoint the run resumed from (0 if none).
         processes: processes that trained the branch together (torchrun world size).
+        packed: whether the branch trained on padding-free packed batches.
+        real_token_fraction: example tokens / all positions of the batches this
+            process trained on (1.0 minus the share spent on padding).
     """
 
     output_dir: str
@@ -64,6 +68,8 @@ class BranchResult:
     wall_s: float
     resumed_from_step: int = 0
     processes: int = 1
+    packed: bool = False
+    real_token_fraction: float = math.nan
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -79,6 +85,26 @@ class _ListDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         e = self.examples[i]
         return {"input_ids": e.input_ids, "labels": e.labels, "attention_mask": [1] * len(e.input_ids)}
+
+
+class _CountingCollator:
+    """A padded-batch collator that counts example tokens and padded positions (the
+    ``real_token_fraction`` of a branch trained without packing)."""
+
+    def __init__(self, collate: Callable[[list[dict]], dict]):
+        self._collate = collate
+        self.real_positions = 0
+        self.total_positions = 0
+
+    def __call__(self, features: list[dict]) -> dict:
+        batch = self._collate(features)
+        self.real_positions += sum(len(f["input_ids"]) for f in features)
+        self.total_positions += int(batch["input_ids"].numel())
+        return batch
+
+    @property
+    def real_token_fraction(self) -> float:
+        return self.real_positions / self.total_positions if self.total_positions else math.nan
 
 
 def trained_token_count(examples: Sequence[TokenizedExample], cfg: TrainConfig) -> int:
@@ -152,6 +178,7 @@ def train_branch(
     resume: bool = True,
     dtype: str = "float32",
     on_checkpoint: Callable[[Path], None] | None = None,
+    callbacks: Sequence[object] = (),
 ) -> BranchResult:
     """Fine-tune a copy of θ(0) on ``examples`` and save θ_k to ``output_dir``.
 
@@ -167,6 +194,8 @@ def train_branch(
         dtype: weights dtype for training (``float32`` on CPU).
         on_checkpoint: called with each checkpoint dir after the Trainer wrote it
             (the pipeline uploads it to the object store); on rank 0 only.
+        callbacks: extra ``transformers.TrainerCallback`` objects (e.g. the throughput
+            benchmark's step timer); the batch collator is ``train_dataloader.collate_fn``.
 
     Under torchrun (``WORLD_SIZE`` > 1, see :mod:`merit_core.launch`) every rank calls
     this; each takes ``cfg.batch_size / WORLD_SIZE`` examples per micro-step, so the
@@ -202,6 +231,14 @@ def train_branch(
         tokenizer.pad_token = tokenizer.eos_token
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch_dtype, trust_remote_code=False)
+    use_cache = model.config.use_cache
+    # Training needs no KV cache; without one transformers also reads packed examples'
+    # boundaries from position_ids. Restored before the model is saved.
+    model.config.use_cache = False
+    packed = cfg.packing and packing_supported(model)
+    if cfg.packing and not packed:
+        logger.warning("train.packing: %s does not keep packed examples apart (position_ids without an "
+                       "attention mask); this branch trains on padded batches", type(model).__name__)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
 
@@ -236,9 +273,12 @@ def train_branch(
         remove_unused_columns=False,
         disable_tqdm=False,
     )
-    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    if packed:
+        collator = PackedCollator(tokenizer.pad_token_id, cfg.pack_tokens)
+    else:
+        collator = _CountingCollator(DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
 
-    callbacks = []
+    callbacks = list(callbacks)
     if on_checkpoint is not None:
 
         class _Upload(TrainerCallback):
@@ -266,6 +306,7 @@ def train_branch(
     out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     wall = time.perf_counter() - t0
 
+    model.config.use_cache = use_cache
     tmp = output_dir.with_name(output_dir.name + ".partial")
     if trainer.is_world_process_zero() and tmp.exists():
         shutil.rmtree(tmp)
@@ -286,4 +327,6 @@ def train_branch(
         wall_s=wall,
         resumed_from_step=resumed_step,
         processes=world,
+        packed=packed,
+        real_token_fraction=collator.real_token_fraction,
     )
