@@ -125,6 +125,7 @@ _GAMMA = 0x9E3779B97F4A7C15  # splitmix64 increment (golden ratio)
 _M1 = 0xBF58476D1CE4E5B9
 _M2 = 0x94D049BB133111EB
 _CHUNK = 1 << 20  # entries hashed at once: bounds the temporary arrays to ~50 MB
+_CUDA_CHUNK = 1 << 24  # on a GPU: ~0.8 GB of temporaries per chunk
 
 
 def _mix64_int(z: int) -> int:
@@ -233,7 +234,8 @@ class CountSketch(Sketcher):
     mod 2^64)`` (the i-th output of splitmix64 started at ``key``), ``h(i) = z mod dim``
     and ``σ(i) = +1`` if the top bit of z is 0 else -1. Only integer arithmetic, so the
     same seed, dimension and parameter order give bit-identical sketches on every
-    machine (sums are taken in float64 in index order, then cast to float32).
+    machine (sums are taken in float64 in index order, then cast to float32). Gradients
+    on a GPU are sketched there (:meth:`_sketch_cuda`), with the same buckets and signs.
     E[<Sx, Sy>] = <x, y>; the error of a cosine is about (1 - c²)/sqrt(dim).
     """
 
@@ -259,7 +261,34 @@ class CountSketch(Sketcher):
         sign = 1.0 - 2.0 * (z >> np.uint64(63)).astype(np.float64)
         return bucket, sign
 
+    def hash_torch(self, start: int, n: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`hash` of the indices ``start .. start + n − 1`` computed with torch int64
+        arithmetic on ``device`` (multiplication and addition wrap mod 2^64 like uint64;
+        logical right shifts are arithmetic shifts masked to the low 64 − k bits), so the
+        buckets and signs are bit-identical to :meth:`hash`. Returns (int64 buckets,
+        float64 signs)."""
+        def to_i64(u: int) -> int:
+            return u - (1 << 64) if u >= 1 << 63 else u
+
+        def shr(z: torch.Tensor, k: int) -> torch.Tensor:
+            return (z >> k) & ((1 << (64 - k)) - 1)
+
+        z = torch.arange(start + 1, start + n + 1, dtype=torch.int64, device=device)
+        z = z * to_i64(_GAMMA) + to_i64(self._key)
+        z = (z ^ shr(z, 30)) * to_i64(_M1)
+        z = (z ^ shr(z, 27)) * to_i64(_M2)
+        z = z ^ shr(z, 31)
+        if self.dim & (self.dim - 1) == 0:
+            bucket = z & (self.dim - 1)
+        else:  # unsigned z mod dim from its top 63 bits and its last bit
+            bucket = ((shr(z, 1) % self.dim) * 2 + (z & 1)) % self.dim
+        sign = 1.0 - 2.0 * (z < 0).to(torch.float64)
+        return bucket, sign
+
     def sketch(self, named_grads: Iterable[tuple[str, torch.Tensor]]) -> np.ndarray:
+        named_grads = list(named_grads)
+        if named_grads and named_grads[0][1].is_cuda:
+            return self._sketch_cuda(named_grads)
         out = np.zeros(self.dim, dtype=np.float64)
         for start, chunk in _flat_chunks(named_grads):
             n = chunk.numel()
@@ -268,6 +297,23 @@ class CountSketch(Sketcher):
             bucket, sign = self.hash(np.arange(start, start + n, dtype=np.uint64))
             out += np.bincount(bucket, weights=sign * _to_numpy(chunk, torch.float64), minlength=self.dim)
         return out.astype(np.float32)
+
+    def _sketch_cuda(self, named_grads: list[tuple[str, torch.Tensor]]) -> np.ndarray:
+        """The same sketch with gradients on a GPU: the hash on the GPU
+        (:meth:`hash_torch`), float64 sums by ``index_add_`` — bit-identical buckets and
+        signs, but the GPU adds in no fixed order, so a sum may differ from the CPU's in
+        the last float64 bits (far below the float32 result's resolution)."""
+        device = named_grads[0][1].device
+        out = torch.zeros(self.dim, dtype=torch.float64, device=device)
+        offset = 0
+        for _, g in named_grads:
+            flat = g.detach().reshape(-1)
+            for a in range(0, flat.numel(), _CUDA_CHUNK):
+                chunk = flat[a : a + _CUDA_CHUNK]
+                bucket, sign = self.hash_torch(offset + a, chunk.numel(), device)
+                out.index_add_(0, bucket, sign * chunk.to(torch.float64))
+            offset += flat.numel()
+        return out.to(torch.float32).cpu().numpy()
 
     def settings(self) -> dict[str, Any]:
         return {"kind": self.name, "dim": self.dim, "seed": self.seed, "hash": "splitmix64-v1"}

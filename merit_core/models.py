@@ -29,7 +29,7 @@ from typing import Any
 
 from merit_core._hub import hub_endpoint, hub_offline, hub_reachable
 from merit_core.config import ModelConfig
-from merit_core.manifest import is_complete, read_manifest, sha256_file, verify_manifest, write_manifest
+from merit_core.manifest import is_complete, read_manifest, sha256_file, sha256_file_cached, verify_manifest, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -65,16 +65,10 @@ def find_packaged_gguf() -> Path:
     raise ModelSourceError(f"package {GGUF_PACKAGE} at {where} has no .gguf file; {hint}")
 
 
-@functools.lru_cache(maxsize=16)
-def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
-    return sha256_file(path)
-
-
 def gguf_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a file, computed once per process per (path, size, mtime)."""
-    p = Path(path).resolve()
-    st = p.stat()
-    return _sha256_cached(str(p), st.st_size, st.st_mtime_ns)
+    """sha256 of a file, computed once per process per version of the file
+    (:func:`merit_core.manifest.sha256_file_cached`)."""
+    return sha256_file_cached(path)
 
 
 def check_gguf(path: str | os.PathLike) -> Path:

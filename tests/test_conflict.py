@@ -382,3 +382,15 @@ def test_conflict_matrix_errors():
     assert conflict_matrix(zero, kind="gram")[1, 1] == 0.0  # gram allows it
     with pytest.raises(ValueError, match="kind must be"):
         conflict_matrix(g, kind="pearson")
+
+
+@pytest.mark.parametrize("dim", [512, 1000])
+def test_countsketch_torch_hash_is_bit_identical_to_numpy(dim):
+    """The GPU sketch's hash (torch int64, run here on the CPU) equals the numpy uint64 hash."""
+    from merit_core.conflict import CountSketch
+
+    s = CountSketch(dim=dim, seed=12345)
+    for start, n in [(0, 5000), (2**31 - 7, 3000), (123_456_789_012, 2000)]:
+        b_np, s_np = s.hash(np.arange(start, start + n, dtype=np.uint64))
+        b_t, s_t = s.hash_torch(start, n, "cpu")
+        assert np.array_equal(b_t.numpy(), b_np) and np.array_equal(s_t.numpy(), s_np)
