@@ -9,8 +9,6 @@ with no communication -> one-shot token-weighted merge -> evaluation and report.
 
 
 import os
-import time
-from contextlib import contextmanager
 
 from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
@@ -20,6 +18,7 @@ from merit_core.artifacts import BranchCheckpoint, MixtureManifest, ModelRef, St
 from merit_core.config import MeritConfig, apply_overrides, load_config
 from merit_core.store import safe_key
 from merit_core.launch import resolve_nproc
+from merit_core.pipeline.study import stage_timer as _stage_timer
 from merit_core.train import check_train_setup
 from tasks import (
     conflict_task,
@@ -52,17 +51,8 @@ def resolve_config(config: MeritConfig, config_path: str | None, overrides: list
 
 
 def stage_timer(timings: list[StageTiming]):
-    """A context-manager factory: ``with stage("name"):`` logs the stage's wall time and
-    appends it to ``timings`` (for the report)."""
-
-    @contextmanager
-    def stage(name: str):
-        t0 = time.perf_counter()
-        yield
-        timings.append(StageTiming(stage=name, seconds=time.perf_counter() - t0))
-        get_run_logger().info("stage %s: %.1f s", name, timings[-1].seconds)
-
-    return stage
+    """:func:`merit_core.pipeline.study.stage_timer` logging to the flow run's logger."""
+    return _stage_timer(timings, get_run_logger())
 
 
 @flow(name="merit-branch", flow_run_name="{label}-branch-{index}")

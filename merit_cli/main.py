@@ -1,7 +1,8 @@
 """`merit` command line: run the pipeline, or one stage on existing artifacts.
 
     merit run CONFIG [--set a.b=c ...]     the whole `merit` flow (Prefect, in-process)
-    merit study CONFIG [--seeds N]         joint vs MERIT vs random split over seeds (flow `merit-study`)
+    merit study CONFIG [--seeds N] [--first-seed I]  joint vs MERIT vs random split over seeds (flow `merit-study`)
+    merit study-report FOLDER              rebuild a study report from the seed records in FOLDER
     merit mixture CONFIG                   print the resolved mixture
     merit split CONFIG                     source gradients (cached) -> C -> partition
     merit merge OUT IN... --weights ...    merge HF checkpoints
@@ -155,21 +156,44 @@ def run(config: ConfigArg, set_: SetOpt = None) -> None:
 def study(
     config: ConfigArg,
     seeds: Annotated[Optional[int], typer.Option("--seeds", min=1, help="Seeds (default: study.seeds)")] = None,
+    first_seed: Annotated[int, typer.Option("--first-seed", min=0,
+                                            help="Index of the first seed (continue a study run earlier)")] = 0,
     set_: SetOpt = None,
 ) -> None:
-    """Joint vs MERIT vs random split over N seeds, in and out of the mixture (flow `merit-study`)."""
+    """Joint vs MERIT vs random split over N seeds, in and out of the mixture (flow `merit-study`).
+    The report covers every finished seed of the study in the store."""
     cfg = _load(config, set_)
     _exit_on_sigterm()
     from flows.study import merit_study
     from merit_core.study_report import MAIN_METRICS
 
     with _prefect_api():
-        report = merit_study(cfg, n_seeds=seeds)
+        report = merit_study(cfg, n_seeds=seeds, first_seed=first_seed)
     typer.echo("")
     for c in report["summary"]["comparisons"]:
         if c["metric_key"] in MAIN_METRICS:
             typer.echo(f"- {c['verdict']}")
     typer.echo(f"report: {report['report_uri']}")
+
+
+@app.command("study-report")
+def study_report(
+    folder: Annotated[Path, typer.Argument(help="Results folder with seeds/seed-<i>.json (e.g. bench/results/study-gpu)")],
+) -> None:
+    """Rebuild a study report (report.md, report.json, PNGs) in FOLDER from every seed record in it."""
+    from merit_core.pipeline.study import StudyRecordError, combine, read_records
+    from merit_core.study_report import MAIN_METRICS, write_study_report
+
+    try:
+        records = read_records(folder)
+        data = write_study_report(folder, **combine(records, where=str(folder)))
+    except StudyRecordError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    for c in data["summary"]["comparisons"]:
+        if c["metric_key"] in MAIN_METRICS:
+            typer.echo(f"- {c['verdict']}")
+    typer.echo(f"report ({len(records)} seeds): {folder / 'report.md'}")
 
 
 @app.command()

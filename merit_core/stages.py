@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -167,6 +168,7 @@ def source_gradient(cfg: MeritConfig, base: ModelRef, source: SourceInfo) -> Ske
         return SketchRef(source=source.name, key=key, dim=int(vec.shape[0]), cached=True)
     model, tokenizer = load_model(store.fetch_dir(base.key), dtype=cfg.model.dtype,
                                   trust_remote_code=cfg.model.trust_remote_code)
+    model.to(_device())  # the GPU when there is one (the sketch is then computed there too)
     calib = load_split(store, source, "calibration")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     vec = _grad(model, batches(calib, cfg.conflict.batch_size, pad), trainable=cfg.model.trainable,
@@ -281,11 +283,16 @@ def train_branch(cfg: MeritConfig, base: ModelRef, mixture: MixtureManifest, sou
         index=index, label=label, key=key, uri=store.uri_for(key), sources=sorted(sources),
         trained_tokens=res.trained_tokens, examples=res.examples, steps=res.steps,
         train_loss=res.train_loss, wall_s=res.wall_s, resumed_from_step=res.resumed_from_step,
-        processes=res.processes,
+        processes=res.processes, packed=res.packed,
+        real_token_fraction=None if math.isnan(res.real_token_fraction) else res.real_token_fraction,
     )
     store.commit_dir(key, Path(res.output_dir), metadata={"kind": "branch", "branch": ref.model_dump()})
     store.delete_prefix(ckpt_prefix)
     shutil.rmtree(work, ignore_errors=True)
+    logger.info("branch %s/%d: %d sources, %d examples, %d steps, N_k = %d tokens, train loss %.3f, %.1f s, "
+                "%s real tokens%s", label, index, len(ref.sources), ref.examples, ref.steps, ref.trained_tokens,
+                ref.train_loss, ref.wall_s, "–" if ref.real_token_fraction is None else
+                f"{ref.real_token_fraction:.1%}", " (packed)" if ref.packed else "")
     return ref
 
 
@@ -452,18 +459,45 @@ def displacement(cfg: MeritConfig, base: ModelRef, models: dict[str, ModelRef]) 
     return displacement_norms(store.fetch_dir(base.key), {k: store.fetch_dir(m.key) for k, m in models.items()})
 
 
-def write_study_report(cfg: MeritConfig, study_id: str, **parts) -> tuple[dict, str]:
-    """Write the study's report.md/json and PNGs to ``runs/<study-id>/report/``.
+def seed_record_key(study_id: str, index: int) -> str:
+    """``runs/<study-id>/seeds/<index>``: a finished seed's record (record.json + manifest)."""
+    return safe_key("runs", study_id, "seeds", str(index))
+
+
+def save_seed_record(cfg: MeritConfig, record) -> str:
+    """Commit a :class:`merit_core.pipeline.study.SeedRecord` to the store; returns its URI."""
+    store = store_for(cfg)
+    key = seed_record_key(record.study_id, record.seed["index"])
+    staging = store.staging_dir(key)
+    (staging / "record.json").write_text(record.model_dump_json(indent=1))
+    return store.commit_dir(key, staging, metadata={"kind": "study-seed", "seed": record.seed})
+
+
+def load_seed_records(cfg: MeritConfig, study_id: str) -> list:
+    """Every finished seed record of a study in the store (verified by its manifest), by seed."""
+    from merit_core.pipeline.study import SeedRecord
+
+    store = store_for(cfg)
+    keys = store.list_complete(safe_key("runs", study_id, "seeds"))
+    records = [SeedRecord.model_validate_json((store.fetch_dir(k.rstrip("/")) / "record.json").read_text())
+               for k in keys]
+    return sorted(records, key=lambda r: r.seed["index"])
+
+
+def write_study_report(cfg: MeritConfig, study_id: str, records: Sequence) -> tuple[dict, str]:
+    """Write the study's report.md/json and PNGs, built from the seed ``records``
+    (:func:`merit_core.pipeline.study.combine`), to ``runs/<study-id>/report/``.
 
     Returns:
         (report dict, report markdown with the store URI of the files).
     """
+    from merit_core.pipeline.study import combine
     from merit_core.study_report import write_study_report as _write
 
     store = store_for(cfg)
     key = safe_key("runs", study_id, "report")
     staging = store.staging_dir(key)
-    data = _write(staging, study_id=study_id, config=cfg, **parts)
+    data = _write(staging, **combine(records, where=f"study {study_id}"))
     md = (staging / "report.md").read_text()
     uri = store.commit_dir(key, staging, metadata={"kind": "study-report"})
     md += f"\n\nReport files: `{uri}` (report.md, report.json, PNGs)\n"

@@ -211,13 +211,20 @@ class Seed:
     split_seed: int
 
 
-def seeds(cfg: MeritConfig, n: int | None = None) -> list[Seed]:
-    """The study's repetitions: ``train.seed + i`` and ``split.seed + i``, i < n
-    (``n`` defaults to ``study.seeds``)."""
+def seeds(cfg: MeritConfig, n: int | None = None, first: int = 0) -> list[Seed]:
+    """The study's repetitions: ``train.seed + i`` and ``split.seed + i`` for
+    i = first .. first + n − 1 (``n`` defaults to ``study.seeds``). Seeds run in later
+    sessions continue the numbering with ``first``.
+
+    Raises:
+        ValueError: n < 1 or first < 0.
+    """
     n = cfg.study.seeds if n is None else n
     if n < 1:
         raise ValueError(f"a study needs at least one seed, got {n}")
-    return [Seed(i, cfg.train.seed + i, cfg.split.seed + i) for i in range(n)]
+    if first < 0:
+        raise ValueError(f"the first seed index must be ≥ 0, got {first}")
+    return [Seed(i, cfg.train.seed + i, cfg.split.seed + i) for i in range(first, first + n)]
 
 
 def r_values(cfg: MeritConfig) -> list[int]:

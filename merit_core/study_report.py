@@ -87,6 +87,41 @@ def plot_bars(values: Mapping[str, Mapping[str, tuple[float, float]]], path: str
     return Path(path)
 
 
+def conflict_structure_of(conflict: ConflictReport, partitions: Mapping[int, Partition],
+                          n_random: int = 1000) -> dict:
+    """:func:`merit_core.split.conflict_structure` of the study's C and PCA partitions
+    (source weights as the split balanced them)."""
+    import numpy as np
+
+    from merit_core.split import conflict_structure
+
+    names = conflict.names
+    first = next(iter(partitions.values()), None)
+    w = np.array([first.weights.get(n, 1.0) for n in names]) if first else np.ones(len(names))
+    index = {n: i for i, n in enumerate(names)}
+    groups = {r: [[index[n] for n in g] for g in p.groups] for r, p in partitions.items()}
+    return conflict_structure(np.asarray(conflict.matrix), w, groups, n_random=n_random)
+
+
+def conflict_structure_markdown(structure: dict) -> list[str]:
+    """The report's "Conflict structure" section."""
+    md = ["## Conflict structure", ""]
+    off = structure.get("offdiag")
+    md.append(f"- Off-diagonal cosines C_ij: {structure['negative_share']:.1%} negative"
+              + (f"; min {off['min']:+.3f}, median {off['median']:+.3f}, max {off['max']:+.3f}." if off else "."))
+    evr = structure["explained_variance_ratio"]
+    md.append("- Explained variance of the PCs of column-centred C: "
+              + ", ".join(f"PC{i + 1} {v:.1%}" for i, v in enumerate(evr)) + ".")
+    for r, sp in structure["splits"].items():
+        md.append(f"- MERIT-{r}D (K = {sp['k']}) split score {sp['score']:.3f} (share of the gradient scatter "
+                  f"between groups) against {sp['random_mean']:.3f} ± {sp['random_std']:.3f} for "
+                  f"{sp['n_random']} random balanced splits; it beats {sp['beats_random']:.1%} of them.")
+    md += ["", ("A split can only help where the sources' gradients disagree: negative cosines, a few dominant "
+                "principal components, and a PCA split that puts much more of the gradient scatter between "
+                "branches than a random split does (merit_core.split.split_score)."), ""]
+    return md
+
+
 def _seed_table(results: Sequence[ModelResult], labels: Sequence[str], metric: Metric, seeds: Sequence[Seed],
                 summary: dict, digits: int = 3) -> str:
     head = "| model | " + " | ".join(f"seed {s.index}" for s in seeds) + " | mean ± std |"
@@ -130,6 +165,7 @@ def write_study_report(
     random_partitions: Mapping[str, Partition],
     results: Sequence[ModelResult],
     timings: Sequence[StageTiming] = (),
+    environments: Mapping[int, dict] | None = None,
 ) -> dict:
     """Write report.md, report.json and PNGs of a study into ``out_dir``; return the JSON dict.
 
@@ -137,6 +173,7 @@ def write_study_report(
         seeds: the study's repetitions. partitions: r -> PCA partition.
         random_partitions: ``"<seed>/r<r>"`` -> random partition of that seed.
         results: one :class:`ModelResult` per (model, seed), plus ``base`` (seed None).
+        environments: seed index -> where it ran (:func:`merit_core.pipeline.study.environment`).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -166,6 +203,10 @@ def write_study_report(
     md += ["", (f"\"Beyond the noise\" means the {conf:.0%} Student-t confidence interval of the mean paired "
            "difference over seeds excludes 0. The exact two-sided sign test is reported beside it; with "
            f"{n} seeds its smallest possible p is {min(1.0, 2 / 2 ** n):.3g}."), ""]
+
+    # -- conflict structure: is there anything to split on?
+    structure = conflict_structure_of(conflict, partitions)
+    md += conflict_structure_markdown(structure)
 
     # -- summary table
     def cell(label: str, name: str, digits: int = 3) -> str:
@@ -290,6 +331,12 @@ def write_study_report(
         md.append("")
 
     md += ["## Mixture", "", _mixture_table(mixture), ""]
+    if environments:
+        md += ["## Where the seeds ran", "", "| seed | device | torch | transformers | CUDA | host |",
+               "|---:|---|---|---|---|---|"]
+        md += [f"| {i} | {e.get('device', '–')} | {e.get('torch', '–')} | {e.get('transformers', '–')} | "
+               f"{e.get('cuda') or '–'} | {e.get('host', '–')} |" for i, e in sorted(environments.items())]
+        md.append("")
     if timings:
         md += ["## Stage wall time", "", "| stage | seconds |", "|---|---:|"]
         md += [f"| {t.stage} | {t.seconds:.1f} |" for t in timings]
@@ -308,6 +355,8 @@ def write_study_report(
         "partitions": {str(r): p.model_dump() for r, p in partitions.items()},
         "random_partitions": {k: p.model_dump() for k, p in random_partitions.items()},
         "timings": [t.model_dump() for t in timings],
+        "conflict_structure": structure,
+        "environments": {str(k): v for k, v in (environments or {}).items()},
         "config": config.model_dump(mode="json"),
     })
     (out / "report.json").write_text(json.dumps(data, indent=2))

@@ -128,10 +128,23 @@ def displacement_task(config: MeritConfig, base: ModelRef, models: dict[str, Mod
     return stages.displacement(config, base, models)
 
 
+@task(name="save-seed-record", task_run_name="seed-record-{record.seed[index]}", **STORAGE_RETRIES)
+def save_seed_record_task(config: MeritConfig, record) -> str:
+    """Store a finished seed's record (merit_core.pipeline.study.SeedRecord)."""
+    return stages.save_seed_record(config, record)
+
+
+@task(name="load-seed-records", **STORAGE_RETRIES)
+def load_seed_records_task(config: MeritConfig, study_id: str) -> list:
+    """Every finished seed record of the study in the store."""
+    return stages.load_seed_records(config, study_id)
+
+
 @task(name="study-report", **STORAGE_RETRIES)
-def study_report_task(config: MeritConfig, study_id: str, **parts) -> dict:
-    """Write the study report to the store and publish it as Prefect artifacts."""
-    report, md = stages.write_study_report(config, study_id, **parts)
+def study_report_task(config: MeritConfig, study_id: str, records: list) -> dict:
+    """Write the study report (from every finished seed's record) to the store and
+    publish it as Prefect artifacts."""
+    report, md = stages.write_study_report(config, study_id, records)
     create_markdown_artifact(key="merit-study-report", markdown=md, description=f"MERIT study {study_id}")
     create_table_artifact(
         key="merit-study-comparisons",

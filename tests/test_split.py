@@ -289,3 +289,56 @@ def test_split_sources_dispatch():
     assert split_sources(None, w, SplitConfig(r=1, strategy="random", seed=4)).groups == random_split(w, 2, 4).groups
     assert split_sources(c, w, SplitConfig(r=2, strategy="kmeans", seed=1)).groups == kmeans_split(c, w, 4, 1).groups
     assert split_sources(c, w, SplitConfig(r=0)).groups == [list(range(10))]
+
+
+# --- split score and conflict structure (study report) ---------------------------------
+
+
+def _direct_split_score(g, w, groups):
+    """between/total scatter of the normalised gradient vectors, from the vectors themselves."""
+    gt = g / np.linalg.norm(g, axis=1, keepdims=True)
+    mu = (w[:, None] * gt).sum(0) / w.sum()
+    total = sum(w[i] * np.sum((gt[i] - mu) ** 2) for i in range(len(w)))
+    between = 0.0
+    for grp in groups:
+        wk = w[grp].sum()
+        mk = (w[grp, None] * gt[grp]).sum(0) / wk
+        between += wk * np.sum((mk - mu) ** 2)
+    return between / total
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_split_score_equals_between_group_scatter_of_the_vectors(seed):
+    from merit_core.split import split_score
+
+    rng = np.random.default_rng(seed)
+    t = 11
+    g = rng.normal(size=(t, 40))
+    gt = g / np.linalg.norm(g, axis=1, keepdims=True)
+    c = gt @ gt.T
+    w = rng.uniform(1, 5, size=t)
+    groups = [list(x) for x in np.array_split(rng.permutation(t), 3)]
+    assert abs(split_score(c, w, groups) - _direct_split_score(g, w, groups)) < 1e-10
+    assert abs(split_score(c, w, [list(range(t))])) < 1e-12  # one group: nothing between
+    assert abs(split_score(c, w, [[i] for i in range(t)]) - 1.0) < 1e-10  # singletons: everything between
+
+
+def test_conflict_structure_pca_beats_random_on_two_opposed_clusters():
+    from merit_core.split import conflict_structure, split_score
+
+    rng = np.random.default_rng(0)
+    d = rng.normal(size=30)
+    g = np.concatenate([d + 0.3 * rng.normal(size=(6, 30)), -d + 0.3 * rng.normal(size=(6, 30))])
+    gt = g / np.linalg.norm(g, axis=1, keepdims=True)
+    c = gt @ gt.T
+    w = np.ones(12)
+    p = pca_split(c, w, 1)
+    s = conflict_structure(c, w, {1: p.groups}, n_random=200)
+    assert s["negative_share"] == pytest.approx(((c < 0) & ~np.eye(12, dtype=bool)).sum() / (12 * 11))
+    assert s["negative_share"] > 0.4
+    assert s["explained_variance_ratio"][0] > 0.5
+    assert s["splits"]["1"]["score"] == pytest.approx(split_score(c, w, p.groups))
+    assert s["splits"]["1"]["score"] > s["splits"]["1"]["random_mean"] + 2 * s["splits"]["1"]["random_std"]
+    assert s["splits"]["1"]["beats_random"] > 0.95
+    with pytest.raises(ValueError, match="exactly once"):
+        split_score(c, w, [[0, 1], [1, 2]])

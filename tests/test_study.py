@@ -167,6 +167,12 @@ def test_shipped_study_configs_are_valid():
     assert len(cpu.eval.benchmarks) >= 6 and len(gpu.data.sources) >= 60
     assert cpu.study.seeds == 3 and gpu.study.r_values == [1, 2, 3]
     assert {"joint", "merit-r2", "merit-r2-uniform", "random-r2"} <= set(model_labels(cpu))
+    h200 = load_config("configs/study-h200.yaml")
+    assert len(h200.data.sources) >= 60 and len(h200.eval.benchmarks) == 16
+    assert model_labels(h200) == ["joint", "merit-r2", "random-r2", "merit-r3", "random-r3"]
+    assert h200.train.packing and h200.train.pack_tokens >= h200.data.max_length
+    tiny = load_config("bench/gpu/study-tiny.yaml")
+    assert model_labels(tiny) == ["joint", "merit-r1", "random-r1", "merit-r2", "random-r2"]
 
 
 # ---------------------------------------------------------------- benchmark scoring
@@ -238,7 +244,12 @@ def test_study_flow_tiny(harness, tmp_path, tiny_model_dir, monkeypatch):
 
     monkeypatch.setenv("MERIT_CACHE_DIR", str(tmp_path / "cache"))
     cfg = tiny_study_config(tmp_path, tiny_model_dir)
-    report = merit_study(cfg, n_seeds=2)
+    cfg = cfg.model_copy(update={"study": cfg.study.model_copy(update={"id": "tiny-study"})})
+    first = merit_study(cfg, n_seeds=1)
+    assert [s["index"] for s in first["seeds"]] == [0]
+    # a later run adds seed 1; the report covers both finished seeds of the study
+    report = merit_study(cfg, n_seeds=1, first_seed=1)
+    assert [s["index"] for s in report["seeds"]] == [0, 1]
     labels = ["base", "joint", "merit-r1", "merit-r1-uniform", "random-r1"]
     assert report["models"] == labels
     results = report["results"]
@@ -267,6 +278,42 @@ def test_study_flow_tiny(harness, tmp_path, tiny_model_dir, monkeypatch):
     for f in ["report.json", "benchmarks.png", "heldout_loss.png", "conflict_matrix.png", "pca_groups_r1.png"]:
         assert (report_dir / f).is_file(), f
     assert json.loads((report_dir / "report.json").read_text())["summary"]["comparisons"]
+    assert "## Conflict structure" in md and "random balanced splits" in md
+    assert report["conflict_structure"]["splits"]["1"]["k"] == 2
+
+    # The same protocol without Prefect (bench/gpu/): same models, same numbers, in a fresh store.
+    from merit_core.pipeline.study import plain_ops, run_study
+    from merit_core.study import seeds
+
+    plain_cfg = cfg.model_copy(update={"store": cfg.store.model_copy(update={"uri": str(tmp_path / "store2")})})
+    monkeypatch.setenv("MERIT_CACHE_DIR", str(tmp_path / "cache2"))
+    records = run_study(plain_cfg, plain_ops(), study_id="tiny-study", seeds=seeds(plain_cfg, 1, first=1))
+    assert len(records) == 1 and records[0].seed["index"] == 1
+    plain = {r.label: r for r in records[0].results}
+    flow = {r["label"]: r for r in results if r["seed"] in (None, 1)}
+    assert set(plain) == set(flow)
+    for label, r in plain.items():
+        assert r.heldout["mean"]["loss"] == pytest.approx(flow[label]["heldout"]["mean"]["loss"], rel=1e-5), label
+        assert r.trained_tokens == flow[label]["trained_tokens"]
+
+    # Seed records in a results folder rebuild the report (merit study-report), from any sessions.
+    from merit_core.pipeline.study import StudyRecordError, combine, read_records, write_record
+    from merit_core.stages import load_seed_records
+    from merit_core.study_report import write_study_report
+
+    folder = tmp_path / "results"
+    for rec in load_seed_records(cfg, "tiny-study"):
+        write_record(folder, rec)
+    rebuilt = write_study_report(folder, **combine(read_records(folder)))
+    assert rebuilt["summary"]["comparisons"] == report["summary"]["comparisons"]
+    assert (folder / "report.md").is_file() and (folder / "conflict_matrix.png").is_file()
+    with pytest.raises(StudyRecordError, match="seed 1 appears twice"):
+        combine([*read_records(folder), records[0]])
+    other = records[0].model_copy(update={"seed": {**records[0].seed, "index": 2},
+                                          "config": {**records[0].config, "train": {
+                                              **records[0].config["train"], "learning_rate": 0.5}}})
+    with pytest.raises(StudyRecordError, match="seed 2 was run with a different train config"):
+        combine([*read_records(folder), other])
 
 
 def test_run_report_has_a_benchmark_section(tmp_path):
@@ -291,3 +338,17 @@ def test_run_report_has_a_benchmark_section(tmp_path):
     md = (tmp_path / "report.md").read_text()
     assert "## Out-of-mixture benchmarks" in md and "| strategyqa | 0.750 |" in md
     assert data["benchmarks"]["base"]["rows"][0]["mc_accuracy"] == 0.75
+
+
+def test_study_report_command_names_a_folder_without_records(tmp_path):
+    from typer.testing import CliRunner
+
+    from merit_cli.main import app
+
+    res = CliRunner().invoke(app, ["study-report", str(tmp_path)])
+    assert res.exit_code == 2
+    assert f"{tmp_path}: no seed record (seeds/seed-<i>.json) to report" in res.output
+    (tmp_path / "seeds").mkdir()
+    (tmp_path / "seeds" / "seed-0.json").write_text('{"study_id": "x"}')
+    res = CliRunner().invoke(app, ["study-report", str(tmp_path)])
+    assert res.exit_code == 2 and "seed-0.json: not a study seed record" in res.output
