@@ -181,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--no-packing", action="store_true")
     tr.add_argument("--compare-padding", action="store_true", help="run packed and padded batches")
     tr.add_argument("--no-bf16", action="store_true")
+    tr.add_argument("--no-group-by-length", action="store_true",
+                    help="random batches instead of the product's default length-grouped ones")
     tr.add_argument("--lr", type=float, default=2e-5)
     ap.add_argument("--peak-tflops", type=float, help="the device's peak (default: datasheet / measured)")
     ap.add_argument("--json", help="write the figures to this file")
@@ -202,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
             model_dir = random_init_copy(model_dir, work)
         bf16 = not args.no_bf16
         cfg = TrainConfig(learning_rate=args.lr, batch_size=args.batch_size, bf16=bf16, packing=not args.no_packing,
-                          pack_tokens=args.pack_tokens, group_by_length=False, warmup_ratio=0.0)
+                          pack_tokens=args.pack_tokens, group_by_length=not args.no_group_by_length,
+                          warmup_ratio=0.0)
         modes = [cfg, cfg.model_copy(update={"packing": False})] if args.compare_padding else [cfg]
         n = n_params(model_dir)
         peak, peak_src = peak_tflops(bf16, args.peak_tflops)
