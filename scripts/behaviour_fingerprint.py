@@ -2,7 +2,8 @@
 
 Runs one seed of the study protocol without Prefect (``merit_core.pipeline.study``
 with the bare stages) on a tiny random Llama and four synthetic JSONL sources, then
-prints a JSON object: the sha256 of every merged model's weights, the split, and the
+prints a JSON object: the sha256 of every model's weights in the store (branches,
+joint, merged), the split, and the
 report numbers (held-out losses, benchmark scores, trained tokens, displacement).
 Two commits that behave the same print the same object:
 
@@ -15,6 +16,7 @@ Takes about a minute on 2 CPU cores. Everything is written under a temporary dir
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -74,14 +76,13 @@ def main() -> int:
             "study": {"id": "fingerprint"},
             "store": {"uri": str(tmp / "store")},
         })
-        (record,) = run_study(cfg, plain_ops(), study_id="fingerprint", seeds=seeds(cfg, 1, first=0))
-        merged = {}
-        for d in sorted((tmp / "store").rglob("*.safetensors")):
-            rel = d.parent.relative_to(tmp / "store").as_posix()
-            if "/merged" in rel or rel.endswith("merged"):
-                merged[rel] = _weights_sha(d.parent)
+        with contextlib.redirect_stdout(sys.stderr):  # the Trainer prints its logs to stdout
+            (record,) = run_study(cfg, plain_ops(), study_id="fingerprint", seeds=seeds(cfg, 1, first=0))
+        weights = {}  # every model directory in the store: branches, joint, merged models
+        for d in sorted({f.parent for f in (tmp / "store").rglob("*.safetensors")}):
+            weights[d.relative_to(tmp / "store").as_posix()] = _weights_sha(d)
         out = {
-            "merged_weights_sha256": merged,
+            "weights_sha256": weights,
             "results": {r.label: _round({"heldout": r.heldout, "benchmarks": r.benchmarks,
                                          "trained_tokens": r.trained_tokens, "displacement": r.displacement})
                         for r in record.results},
