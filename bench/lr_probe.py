@@ -3,11 +3,11 @@ mixture keep θ(0)'s accuracy on the out-of-mixture benchmarks? (issue: a study 
 test the method, not forgetting.)
 
 For each ``--lr`` it trains joint training (K = 1) through the product's stages
-(``stages.train_branch``, the study's train settings) on ``--per-source`` training
+(``merit_core.pipeline.branches.train_branch``, the study's train settings) on ``--per-source`` training
 examples of every source, with ``--batch-size`` chosen so the run takes as many optimizer
 steps as the study's joint model does (the same number of updates, fewer tokens), then
 evaluates θ(0) and every model on the first ``--benchmark-examples`` examples of each
-benchmark (``stages.evaluate_benchmarks``: option log-likelihood accuracy).
+benchmark (``merit_core.pipeline.evaluate.evaluate_benchmarks``: option log-likelihood accuracy).
 
     .venv/bin/python bench/lr_probe.py configs/study-h200.yaml --lr 2e-5 --lr 5e-5 --lr 1e-4
 
@@ -39,9 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json")
     args = ap.parse_args(argv)
 
-    from merit_core import stages
     from merit_core.benchmarks import average, score
     from merit_core.config import load_config
+    from merit_core.pipeline.base import prepare_base
+    from merit_core.pipeline.branches import train_branch
+    from merit_core.pipeline.evaluate import evaluate_benchmarks, resolve_benchmarks
+    from merit_core.pipeline.mixture import resolve_mixture
+    from merit_core.store import open_store
     from merit_core.study import mean_std, t_interval
 
     cfg = load_config(args.config, [f"store.uri={args.store}", f"eval.benchmark_max_examples={args.benchmark_examples}",
@@ -49,13 +53,14 @@ def main(argv: list[str] | None = None) -> int:
     held = cfg.data.heldout_max or cfg.data.heldout_min
     sources = [s.model_copy(update={"max_examples": held + args.per_source}) for s in cfg.data.sources]
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"sources": sources})})
-    base = stages.prepare_base(cfg)
-    mixture = stages.resolve_mixture(cfg, base)
-    suite = stages.resolve_benchmarks(cfg, base)
+    store = open_store(cfg.store)
+    base = prepare_base(cfg, store)
+    mixture = resolve_mixture(cfg, store, base)
+    suite = resolve_benchmarks(cfg, store, base)
 
     def bench(model) -> dict:
         t0 = time.perf_counter()
-        table = stages.evaluate_benchmarks(cfg, model, suite)
+        table = evaluate_benchmarks(cfg, store, model, suite)
         print(f"benchmarks of {model.label}: {time.perf_counter() - t0:.0f} s", flush=True)
         return table
 
@@ -64,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         c = cfg.model_copy(update={"train": cfg.train.model_copy(update={"learning_rate": lr})})
         run_id = f"lr-probe-{lr:g}-b{args.batch_size}-n{args.per_source}"
         t0 = time.perf_counter()
-        (branch,) = [stages.train_branch(c, base, mixture, mixture.names, run_id, "joint", 0)]
+        (branch,) = [train_branch(c, store, base, mixture, mixture.names, run_id, "joint", 0)]
         wall = time.perf_counter() - t0
         from merit_core.artifacts import ModelRef
 

@@ -93,14 +93,16 @@ def load_examples(paths: list[str]) -> list:
 
 def from_config(config: str, store: str | None, overrides: list[str]) -> tuple[str, list]:
     """θ(0) dir and the mixture's training examples of a MERIT config (resolved into the store)."""
-    from merit_core import stages
     from merit_core.config import load_config
+    from merit_core.pipeline.base import prepare_base
+    from merit_core.pipeline.mixture import load_split, resolve_mixture
+    from merit_core.store import open_store
 
     cfg = load_config(config, overrides + ([f"store.uri={store}"] if store else []))
-    base = stages.prepare_base(cfg)
-    mixture = stages.resolve_mixture(cfg, base)
-    st = stages.store_for(cfg)
-    examples = [e for s in mixture.sources for e in stages.load_split(st, s, "train")]
+    st = open_store(cfg.store)
+    base = prepare_base(cfg, st)
+    mixture = resolve_mixture(cfg, st, base)
+    examples = [e for s in mixture.sources for e in load_split(st, s, "train")]
     return str(st.fetch_dir(base.key)), examples
 
 

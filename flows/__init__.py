@@ -1,3 +1,1 @@
-"""Prefect flows: ``merit`` (deployment ``merit/full``) and ``merit-branch``."""
-
-from flows.merit import merit, merit_branch  # noqa: F401
+"""Prefect flows: ``merit`` (deployment ``merit/full``), ``merit-branch`` and ``merit-study``."""

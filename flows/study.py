@@ -12,12 +12,11 @@ store, so seeds run later (``first_seed``) add to it.
 
 
 from prefect import flow, get_run_logger
-from prefect.runtime import flow_run
 
-from flows.merit import resolve_config, run_branches
+from flows.branches import run_branches
+from flows.common import resolve_config, study_id
 from merit_core.config import MeritConfig
 from merit_core.pipeline.study import StudyOps, run_study, with_sections
-from merit_core.store import safe_key
 from merit_core.study import check_study_config, r_values, seeds
 from tasks import (
     conflict_task,
@@ -56,12 +55,12 @@ def merit_study(config: MeritConfig, n_seeds: int | None = None, first_seed: int
     if n_seeds is not None:
         config = with_sections(config, study={"seeds": n_seeds})
     check_study_config(config)
-    study_id = safe_key(config.study.id or f"{config.run.name}-study-{(flow_run.get_id() or 'local')[:8]}")
+    study = study_id(config)
     todo = seeds(config, first=first_seed)
-    log.info("study %s: seeds %s, r in %s", study_id, [s.index for s in todo], r_values(config))
-    run_study(config, PREFECT_OPS, study_id=study_id, seeds=todo, log=log,
+    log.info("study %s: seeds %s, r in %s", study, [s.index for s in todo], r_values(config))
+    run_study(config, PREFECT_OPS, study_id=study, seeds=todo, log=log,
               on_seed=lambda record: save_seed_record_task(config, record))
-    records = load_seed_records_task(config, study_id)
-    report = study_report_task(config, study_id, records=records)
+    records = load_seed_records_task(config, study)
+    report = study_report_task(config, study, records=records)
     log.info("study report (%d seeds): %s", len(records), report["report_uri"])
     return report

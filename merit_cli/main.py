@@ -201,11 +201,13 @@ def mixture(config: ConfigArg, set_: SetOpt = None) -> None:
     """Resolve the training mixture and print per-source examples, tokens, truncation."""
     cfg = _load(config, set_)
     _setup_logging()
-    from merit_core import stages
+    from merit_core.pipeline.base import prepare_base
+    from merit_core.pipeline.mixture import resolve_mixture
     from merit_core.report import _mixture_table
+    from tasks.store import run_store
 
-    base = stages.prepare_base(cfg)
-    m = stages.resolve_mixture(cfg, base)
+    store = run_store(cfg)
+    m = resolve_mixture(cfg, store, prepare_base(cfg, store))
     typer.echo(_mixture_table(m))
 
 
@@ -214,13 +216,17 @@ def split(config: ConfigArg, set_: SetOpt = None) -> None:
     """Compute (or reuse) every source gradient, the conflict matrix and the partition."""
     cfg = _load(config, set_)
     _setup_logging()
-    from merit_core import stages
+    from merit_core.pipeline.base import prepare_base
+    from merit_core.pipeline.conflict import build_conflict_matrix, source_gradient
+    from merit_core.pipeline.mixture import resolve_mixture
+    from merit_core.pipeline.partition import partition_sources
+    from tasks.store import run_store
 
-    base = stages.prepare_base(cfg)
-    m = stages.resolve_mixture(cfg, base)
-    sketches = [stages.source_gradient(cfg, base, s) for s in m.sources]
-    report = stages.conflict(cfg, sketches)
-    part = stages.split(cfg, report, m)
+    store = run_store(cfg)
+    base = prepare_base(cfg, store)
+    m = resolve_mixture(cfg, store, base)
+    sketches = [source_gradient(cfg, store, base, s) for s in m.sources]
+    part = partition_sources(cfg, build_conflict_matrix(cfg, store, sketches), m)
     typer.echo(json.dumps(part.model_dump(), indent=2))
 
 
@@ -250,11 +256,14 @@ def eval_(
     """Evaluate one model on the held-out split of every source of CONFIG's mixture."""
     cfg = _load(config, set_)
     _setup_logging()
-    from merit_core import stages
+    from merit_core.pipeline.base import prepare_base
+    from merit_core.pipeline.evaluate import evaluate_model_dir
+    from merit_core.pipeline.mixture import resolve_mixture
+    from tasks.store import run_store
 
-    base = stages.prepare_base(cfg)
-    m = stages.resolve_mixture(cfg, base)
-    table = stages.evaluate_model_dir(cfg, model_dir, m)
+    store = run_store(cfg)
+    m = resolve_mixture(cfg, store, prepare_base(cfg, store))
+    table = evaluate_model_dir(cfg, store, model_dir, m)
     typer.echo(table.to_markdown())
 
 

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of each rank: ``python -m merit_core.launch SPEC`` (under torchrun)."""
     from merit_core.artifacts import read_examples
     from merit_core.config import MeritConfig
-    from merit_core.stages import store_for
+    from merit_core.store import open_store
     from merit_core.train import train_branch
 
     argv = sys.argv[1:] if argv is None else argv
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     upload = None
     prefix = spec.get("checkpoint_prefix")
     if rank == 0 and prefix:
-        store = store_for(cfg)
+        store = open_store(cfg.store)
 
         def upload(path: Path) -> None:
             store.commit_dir(f"{prefix}/{path.name}", path, metadata={"kind": "train-checkpoint"})

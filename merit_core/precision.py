@@ -57,3 +57,9 @@ def bf16_autocast(device: str | torch.device, enabled: bool) -> Iterator[None]:
         return
     with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16):
         yield
+
+
+def default_device() -> str:
+    """``"cuda"`` when a CUDA device is visible, else ``"cpu"``: where the stages put the
+    model for calibration gradients and evaluation."""
+    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -50,6 +50,7 @@ def main() -> int:
 
     from merit_core.config import MeritConfig
     from merit_core.pipeline.study import plain_ops, run_study
+    from merit_core.store import open_store
     from merit_core.study import seeds
     from tests.conftest import build_tiny_llama, build_tiny_tokenizer
     from tests.helpers import write_jsonl_sources
@@ -77,7 +78,7 @@ def main() -> int:
             "store": {"uri": str(tmp / "store")},
         })
         with contextlib.redirect_stdout(sys.stderr):  # the Trainer prints its logs to stdout
-            (record,) = run_study(cfg, plain_ops(), study_id="fingerprint", seeds=seeds(cfg, 1, first=0))
+            (record,) = run_study(cfg, plain_ops(open_store(cfg.store)), study_id="fingerprint", seeds=seeds(cfg, 1, first=0))
         weights = {}  # every model directory in the store: branches, joint, merged models
         for d in sorted({f.parent for f in (tmp / "store").rglob("*.safetensors")}):
             weights[d.relative_to(tmp / "store").as_posix()] = _weights_sha(d)

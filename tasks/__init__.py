@@ -1,6 +1,7 @@
-"""Prefect tasks: one thin wrapper per pipeline stage around merit_core.stages."""
+"""Prefect tasks: one thin wrapper per stage of merit_core.pipeline."""
 
 from tasks.stages import (  # noqa: F401
+    collect_branches_task,
     conflict_task,
     displacement_task,
     evaluate_benchmarks_task,

@@ -1,18 +1,17 @@
 """Thin @task wrappers, one per stage of ARCHITECTURE.md's data-flow table.
 
-No maths here: each task calls one function of ``merit_core.stages`` and, where a person
-wants to see something, publishes a Prefect artifact. Retries are declared on the
+No maths here: each task calls one stage of :mod:`merit_core.pipeline` on the run's store
+(:func:`tasks.store.run_store`) and, where a person wants to see something, publishes a
+Prefect artifact. Retries are declared on the
 stages that touch training or storage; source gradients are cached in the artifact store
 by (model sha, source content hash, conflict settings) — see ``source_gradient_task``.
 """
 
 
-from pathlib import Path
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from merit_core import stages
 from merit_core.artifacts import (
     BranchCheckpoint,
     ConflictReport,
@@ -24,13 +23,26 @@ from merit_core.artifacts import (
 )
 from merit_core.benchmarks import BenchmarkSuite
 from merit_core.config import MeritConfig
+from merit_core.pipeline import reports
+from merit_core.pipeline.base import prepare_base
+from merit_core.pipeline.branches import collect_branches, train_branch
+from merit_core.pipeline.conflict import build_conflict_matrix, source_gradient
+from merit_core.pipeline.evaluate import (
+    displacement,
+    evaluate_benchmarks,
+    evaluate_model,
+    resolve_benchmarks,
+)
+from merit_core.pipeline.merge import merge_branches
+from merit_core.pipeline.mixture import resolve_mixture
+from merit_core.pipeline.partition import partition_sources
+from merit_core.pipeline.study import SeedRecord
+from merit_core.train import TrainSetupError
+from tasks.store import run_store
 
 
-
-def _retry_unless_setup_error(task, task_run, state) -> bool:  # noqa: ARG001 - Prefect's signature
+def _retry_unless_setup_error(task, task_run, state) -> bool:
     """Retry a failed branch unless it failed on a setting retries cannot fix."""
-    from merit_core.train import TrainSetupError
-
     return not isinstance(state.result(raise_on_failure=False), TrainSetupError)
 
 
@@ -40,12 +52,12 @@ TRAIN_RETRIES = dict(retries=2, retry_delay_seconds=[10, 60], retry_condition_fn
 
 @task(name="prepare-base", **STORAGE_RETRIES)
 def prepare_base_task(config: MeritConfig) -> ModelRef:
-    return stages.prepare_base(config)
+    return prepare_base(config, run_store(config))
 
 
 @task(name="resolve-mixture", **STORAGE_RETRIES)
 def resolve_mixture_task(config: MeritConfig, base: ModelRef) -> MixtureManifest:
-    mixture = stages.resolve_mixture(config, base)
+    mixture = resolve_mixture(config, run_store(config), base)
     create_table_artifact(
         key="mixture", table=[s.model_dump(exclude={"key"}) for s in mixture.sources],
         description="Resolved training mixture: examples, splits and loss tokens per source",
@@ -59,41 +71,47 @@ def source_gradient_task(config: MeritConfig, base: ModelRef, source: SourceInfo
     ``sketches/<model-sha>/<source-hash>-<settings-hash>.npy`` rather than in Prefect's
     result cache: the store is what every worker shares, and a cache entry there cannot
     outlive the sketch it points to (a Prefect cache hit could, after a store is wiped)."""
-    return stages.source_gradient(config, base, source)
+    return source_gradient(config, run_store(config), base, source)
 
 
 @task(name="conflict-matrix")
 def conflict_task(config: MeritConfig, sketches: list[SketchRef]) -> ConflictReport:
-    return stages.conflict(config, sketches)
+    return build_conflict_matrix(config, run_store(config), sketches)
 
 
 @task(name="split")
 def split_task(config: MeritConfig, conflict: ConflictReport, mixture: MixtureManifest,
                strategy: str | None = None) -> Partition:
-    return stages.split(config, conflict, mixture, strategy=strategy)
+    return partition_sources(config, conflict, mixture, strategy=strategy)
 
 
 @task(name="train-branch", task_run_name="train-{label}-{index}", **TRAIN_RETRIES)
 def train_branch_task(config: MeritConfig, base: ModelRef, mixture: MixtureManifest, sources: list[str],
                       run_id: str, label: str, index: int) -> BranchCheckpoint:
-    return stages.train_branch(config, base, mixture, sources, run_id, label, index)
+    return train_branch(config, run_store(config), base, mixture, sources, run_id, label, index)
+
+
+@task(name="collect-branches", task_run_name="collect-{label}", **STORAGE_RETRIES)
+def collect_branches_task(config: MeritConfig, run_id: str, label: str, groups: list[list[str]]) -> list[BranchCheckpoint]:
+    """The branches that flow runs on other workers committed, read back from the store."""
+    return collect_branches(run_store(config), run_id, label, groups)
 
 
 @task(name="merge", task_run_name="merge-{label}", **STORAGE_RETRIES)
 def merge_task(config: MeritConfig, base: ModelRef, branches: list[BranchCheckpoint], run_id: str,
                label: str) -> ModelRef:
-    return stages.merge(config, base, branches, run_id, label)
+    return merge_branches(config, run_store(config), base, branches, run_id, label)
 
 
 @task(name="evaluate", task_run_name="evaluate-{model.label}")
 def evaluate_task(config: MeritConfig, model: ModelRef, mixture: MixtureManifest) -> dict:
-    return stages.evaluate(config, model, mixture)
+    return evaluate_model(config, run_store(config), model, mixture)
 
 
 @task(name="report", **STORAGE_RETRIES)
 def report_task(config: MeritConfig, run_id: str, **parts) -> dict:
     """Write the report to the store and publish it as Prefect artifacts."""
-    report, md = stages.write_run_report(config, run_id, **parts)
+    report, md = reports.write_run_report(run_store(config), run_id, **parts)
     create_markdown_artifact(key="merit-report", markdown=md, description=f"MERIT report of run {run_id}")
     means = []
     for model, table in report["metrics"].items():
@@ -110,7 +128,7 @@ def report_task(config: MeritConfig, run_id: str, **parts) -> dict:
 @task(name="resolve-benchmarks", **STORAGE_RETRIES)
 def resolve_benchmarks_task(config: MeritConfig, base: ModelRef) -> BenchmarkSuite:
     """Out-of-mixture benchmarks, tokenized like held-out data (merit_core.benchmarks)."""
-    suite = stages.resolve_benchmarks(config, base)
+    suite = resolve_benchmarks(config, run_store(config), base)
     if suite.benchmarks:
         create_table_artifact(key="benchmarks", table=[b.model_dump(exclude={"key"}) for b in suite.benchmarks],
                               description="Out-of-mixture benchmarks: examples per benchmark (never trained on)")
@@ -119,32 +137,32 @@ def resolve_benchmarks_task(config: MeritConfig, base: ModelRef) -> BenchmarkSui
 
 @task(name="evaluate-benchmarks", task_run_name="benchmarks-{model.label}")
 def evaluate_benchmarks_task(config: MeritConfig, model: ModelRef, suite: BenchmarkSuite) -> dict | None:
-    return stages.evaluate_benchmarks(config, model, suite)
+    return evaluate_benchmarks(config, run_store(config), model, suite)
 
 
 @task(name="displacement", **STORAGE_RETRIES)
 def displacement_task(config: MeritConfig, base: ModelRef, models: dict[str, ModelRef]) -> dict[str, float]:
     """||θ − θ(0)|| of each model (merit_core.diagnostics.displacement_norms)."""
-    return stages.displacement(config, base, models)
+    return displacement(run_store(config), base, models)
 
 
 @task(name="save-seed-record", task_run_name="seed-record-{record.seed[index]}", **STORAGE_RETRIES)
-def save_seed_record_task(config: MeritConfig, record) -> str:
+def save_seed_record_task(config: MeritConfig, record: SeedRecord) -> str:
     """Store a finished seed's record (merit_core.pipeline.study.SeedRecord)."""
-    return stages.save_seed_record(config, record)
+    return reports.save_seed_record(run_store(config), record)
 
 
 @task(name="load-seed-records", **STORAGE_RETRIES)
-def load_seed_records_task(config: MeritConfig, study_id: str) -> list:
+def load_seed_records_task(config: MeritConfig, study_id: str) -> list[SeedRecord]:
     """Every finished seed record of the study in the store."""
-    return stages.load_seed_records(config, study_id)
+    return reports.load_seed_records(run_store(config), study_id)
 
 
 @task(name="study-report", **STORAGE_RETRIES)
-def study_report_task(config: MeritConfig, study_id: str, records: list) -> dict:
+def study_report_task(config: MeritConfig, study_id: str, records: list[SeedRecord]) -> dict:
     """Write the study report (from every finished seed's record) to the store and
     publish it as Prefect artifacts."""
-    report, md = stages.write_study_report(config, study_id, records)
+    report, md = reports.write_study_report(run_store(config), study_id, records)
     create_markdown_artifact(key="merit-study-report", markdown=md, description=f"MERIT study {study_id}")
     create_table_artifact(
         key="merit-study-comparisons",

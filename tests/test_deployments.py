@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from merit_core.artifacts import BranchCheckpoint, MixtureManifest, ModelRef
 from merit_core.config import MeritConfig, load_config
-from merit_core.stages import branch_key
+from merit_core.pipeline.layout import branch_key
 from merit_core.store import open_store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,11 +35,12 @@ def test_prefect_yaml_deployments_and_pools():
     deps = _deployments()
     assert set(deps) == {"full", "process", "docker-gpu", "k8s-gpu"}
     assert deps["full"]["entrypoint"] == "flows/merit.py:merit"
-    from flows.merit import merit, merit_branch
+    from flows.branches import merit_branch
+    from flows.merit import merit
 
     assert merit.name == "merit" and merit_branch.name == "merit-branch"
     for name, pool in [("process", "merit-process"), ("docker-gpu", "merit-docker-gpu"), ("k8s-gpu", "merit-k8s-gpu")]:
-        assert deps[name]["entrypoint"] == "flows/merit.py:merit_branch"
+        assert deps[name]["entrypoint"] == "flows/branches.py:merit_branch"
         assert deps[name]["work_pool"]["name"] == pool
     # the default branch deployment of the config is one of them
     assert MeritConfig().run.branch_deployment == "merit-branch/process"
@@ -173,11 +174,13 @@ def _commit_branch(store, run_id: str, label: str, index: int, sources: list[str
 
 @pytest.fixture()
 def fanout_env(tmp_path, monkeypatch):
-    """flows.fanout with the Prefect API replaced by fakes: children 'run' by writing
-    their branch into the store (or by failing)."""
+    """flows.branches' deployment fan-out with the Prefect API replaced by fakes: children
+    'run' by writing their branch into the store (or by failing); the store is read by the
+    collect task's function, outside a flow run."""
     from prefect.states import Completed, Failed, Scheduled
 
-    from flows import fanout
+    from flows import branches as fanout
+    from tasks import collect_branches_task
 
     cfg = MeritConfig.model_validate({"store": {"uri": str(tmp_path / "store")},
                                       "run": {"branch_execution": "deployment"}})
@@ -213,6 +216,7 @@ def fanout_env(tmp_path, monkeypatch):
     monkeypatch.setattr(fanout, "run_deployment", fake_run_deployment)
     monkeypatch.setattr(fanout, "wait_for_flow_runs", fake_wait)
     monkeypatch.setattr(fanout, "_parent_flow_run_id", lambda: "parent-run")
+    monkeypatch.setattr(fanout, "collect_branches_task", collect_branches_task.fn)
 
     def go(groups):
         return fanout.run_branches_on_deployment(cfg, base, mixture, groups, "run1", "merit")
@@ -231,7 +235,7 @@ def test_fanout_starts_one_child_per_group_and_reads_the_store(fanout_env):
 
 
 def test_fanout_fails_with_the_childs_error(fanout_env):
-    from flows.fanout import BranchRunError
+    from flows.branches import BranchRunError
 
     go, _, outcome = fanout_env
     outcome[1] = "fail"
@@ -241,18 +245,18 @@ def test_fanout_fails_with_the_childs_error(fanout_env):
 
 
 def test_fanout_refuses_a_completed_child_without_manifest(fanout_env):
-    from flows.fanout import BranchRunError
+    from merit_core.pipeline.branches import BranchStoreError
 
     go, _, outcome = fanout_env
     outcome[0] = "nomanifest"
-    with pytest.raises(BranchRunError, match="has no manifest"):
+    with pytest.raises(BranchStoreError, match="has no manifest"):
         go([["a"], ["b"]])
 
 
 def test_fanout_reschedules_a_child_failed_in_an_earlier_attempt(monkeypatch):
     from prefect.states import Completed, Failed
 
-    from flows import fanout
+    from flows import branches as fanout
 
     done = _flow_run("old", Completed())
     failed = _flow_run("old", Failed(message="boom"))
@@ -265,7 +269,7 @@ def test_fanout_reschedules_a_child_failed_in_an_earlier_attempt(monkeypatch):
 
 
 def test_fanout_needs_a_parent_flow_run(tmp_path):
-    from flows.fanout import BranchRunError, run_branches_on_deployment
+    from flows.branches import BranchRunError, run_branches_on_deployment
 
     cfg = MeritConfig.model_validate({"store": {"uri": str(tmp_path / "s")}})
     with pytest.raises(BranchRunError, match="needs a Prefect flow run"):
@@ -341,7 +345,7 @@ def test_sources_add_without_api_url_registers_but_does_not_emit(config_file, tm
 def test_fanout_keys_differ_between_runs_of_one_parent():
     """A study trains label 'joint' once per seed under one parent flow run: each seed's
     branches must be new children, not the previous seed's."""
-    from flows.fanout import idempotency_key
+    from flows.branches import idempotency_key
 
     keys = {idempotency_key("parent", run, label, k)
             for run in ("study-s0", "study-s1") for label in ("joint", "merit") for k in (0, 1)}

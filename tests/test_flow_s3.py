@@ -16,8 +16,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from merit_core import stages
 from merit_core.config import MeritConfig
+from merit_core.pipeline.base import prepare_base
+from merit_core.pipeline.branches import train_branch
+from merit_core.pipeline.layout import branch_key
+from merit_core.pipeline.mixture import resolve_mixture
+from merit_core.store import open_store
 from tests.helpers import write_jsonl_sources
 
 SOURCES = ["alpha", "beta", "gamma", "delta"]
@@ -54,9 +58,10 @@ def s3_config(endpoint, tmp_path, tiny_model_dir, monkeypatch):
 
 KILL_SCRIPT = textwrap.dedent("""
     import json, os, signal, sys
-    from merit_core import stages
     from merit_core.artifacts import MixtureManifest, ModelRef
     from merit_core.config import MeritConfig
+    from merit_core.pipeline.branches import train_branch
+    from merit_core.store import open_store
     cfg = MeritConfig.model_validate_json(open(sys.argv[1]).read())
     base = ModelRef.model_validate_json(open(sys.argv[2]).read())
     mixture = MixtureManifest.model_validate_json(open(sys.argv[3]).read())
@@ -64,17 +69,18 @@ KILL_SCRIPT = textwrap.dedent("""
     def die(path):
         if path.name == "checkpoint-2":
             os.kill(os.getpid(), signal.SIGKILL)   # preempted right after the upload
-    stages.train_branch(cfg, base, mixture, sources, "run1", "merit", 0, after_checkpoint=die)
+    train_branch(cfg, open_store(cfg.store), base, mixture, sources, "run1", "merit", 0, after_checkpoint=die)
 """)
 
 
 def test_branch_killed_after_checkpoint_resumes_on_new_worker(s3_config, tmp_path, monkeypatch):
     cfg = s3_config
-    base = stages.prepare_base(cfg)
-    mixture = stages.resolve_mixture(cfg, base)
+    store = open_store(cfg.store)
+    base = prepare_base(cfg, store)
+    mixture = resolve_mixture(cfg, store, base)
     sources = ["alpha", "beta"]
     # reference: the same branch, uninterrupted
-    full = stages.train_branch(cfg, base, mixture, sources, "run1", "reference", 0)
+    full = train_branch(cfg, store, base, mixture, sources, "run1", "reference", 0)
     assert full.steps >= 4
 
     # worker 1 trains the branch and is SIGKILLed just after checkpoint-2 reached the store
@@ -89,14 +95,13 @@ def test_branch_killed_after_checkpoint_resumes_on_new_worker(s3_config, tmp_pat
                            str(files["mixture"]), json.dumps(sources)], env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == -9, proc.stderr[-2000:]
-    store = stages.store_for(cfg)
-    key = stages.branch_key("run1", "merit", 0)
+    key = branch_key("run1", "merit", 0)
     assert not store.is_complete(key)
     assert store.list_complete(key + "-checkpoints") == [key + "-checkpoints/checkpoint-2"]
 
     # worker 2 (empty local cache) runs the same branch: it resumes from checkpoint-2
     monkeypatch.setenv("MERIT_CACHE_DIR", str(tmp_path / "worker-2"))
-    resumed = stages.train_branch(cfg, base, mixture, sources, "run1", "merit", 0)
+    resumed = train_branch(cfg, open_store(cfg.store), base, mixture, sources, "run1", "merit", 0)
     assert resumed.resumed_from_step == 2
     assert resumed.steps == full.steps and resumed.trained_tokens == full.trained_tokens
     a = load_file(str(store.fetch_dir(full.key) / "model.safetensors"))
@@ -115,7 +120,7 @@ def test_merit_flow_with_s3_store(s3_config):
 
     with prefect_test_harness(server_startup_timeout=120):
         report = merit(s3_config)
-    store = stages.store_for(s3_config)
+    store = open_store(s3_config.store)
     assert report["report_uri"].startswith("s3://")
     merged_key = report["models"]["merit"]["key"]
     assert store.is_complete(merged_key)

@@ -9,7 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from merit_core import stages
+from merit_core.pipeline.base import prepare_base
+from merit_core.pipeline.branches import train_branch
+from merit_core.pipeline.mixture import load_split, resolve_mixture
+from merit_core.store import open_store
 from merit_core.launch import resolve_nproc, run_distributed_branch
 from merit_core.train import TrainError
 from tests.test_flow import SOURCES, tiny_config
@@ -19,22 +22,23 @@ from tests.test_flow import SOURCES, tiny_config
 def prepared(tmp_path, tiny_model_dir, monkeypatch):
     monkeypatch.setenv("MERIT_CACHE_DIR", str(tmp_path / "cache"))
     cfg = tiny_config(tmp_path, tiny_model_dir, train={"batch_size": 4, "save_steps": 3})
-    base = stages.prepare_base(cfg)
-    mixture = stages.resolve_mixture(cfg, base)
+    store = open_store(cfg.store)
+    base = prepare_base(cfg, store)
+    mixture = resolve_mixture(cfg, store, base)
     return cfg, base, mixture
 
 
 def test_branch_on_two_processes_matches_one_process(prepared):
     cfg, base, mixture = prepared
-    one = stages.train_branch(cfg, base, mixture, SOURCES[:2], run_id="r1", label="merit", index=0)
+    one = train_branch(cfg, open_store(cfg.store), base, mixture, SOURCES[:2], run_id="r1", label="merit", index=0)
     cfg2 = cfg.model_copy(update={"train": cfg.train.model_copy(update={"nproc_per_node": 2})})
-    two = stages.train_branch(cfg2, base, mixture, SOURCES[:2], run_id="r2", label="merit", index=0)
+    two = train_branch(cfg2, open_store(cfg2.store), base, mixture, SOURCES[:2], run_id="r2", label="merit", index=0)
     assert (one.processes, two.processes) == (1, 2)
     # same global batch -> the same steps and N_k whatever the process count
     assert two.steps == one.steps and two.trained_tokens == one.trained_tokens and two.examples == one.examples
     n_train = sum(mixture.get(s).train for s in SOURCES[:2])
     assert one.steps == -(-n_train // 4)
-    store = stages.store_for(cfg)
+    store = open_store(cfg.store)
     assert store.is_complete(two.key)
     assert store.list_complete(two.key + "-checkpoints") == []  # uploaded while training, removed at commit
     w1 = load_file(str(store.fetch_dir(one.key) / "model.safetensors"))
@@ -49,10 +53,10 @@ def test_branch_on_two_processes_matches_one_process(prepared):
 
 def test_rank0_uploads_checkpoints_to_the_store(prepared, tmp_path):
     cfg, base, mixture = prepared
-    store = stages.store_for(cfg)
+    store = open_store(cfg.store)
     examples = []
     for name in SOURCES[:2]:
-        examples += stages.load_split(store, mixture.get(name), "train")
+        examples += load_split(store, mixture.get(name), "train")
     from merit_core.artifacts import write_examples
 
     write_examples(tmp_path / "ex.jsonl", examples)

@@ -283,11 +283,12 @@ def test_study_flow_tiny(harness, tmp_path, tiny_model_dir, monkeypatch):
 
     # The same protocol without Prefect (bench/gpu/): same models, same numbers, in a fresh store.
     from merit_core.pipeline.study import plain_ops, run_study
+    from merit_core.store import open_store
     from merit_core.study import seeds
 
     plain_cfg = cfg.model_copy(update={"store": cfg.store.model_copy(update={"uri": str(tmp_path / "store2")})})
     monkeypatch.setenv("MERIT_CACHE_DIR", str(tmp_path / "cache2"))
-    records = run_study(plain_cfg, plain_ops(), study_id="tiny-study", seeds=seeds(plain_cfg, 1, first=1))
+    records = run_study(plain_cfg, plain_ops(open_store(plain_cfg.store)), study_id="tiny-study", seeds=seeds(plain_cfg, 1, first=1))
     assert len(records) == 1 and records[0].seed["index"] == 1
     plain = {r.label: r for r in records[0].results}
     flow = {r["label"]: r for r in results if r["seed"] in (None, 1)}
@@ -298,11 +299,11 @@ def test_study_flow_tiny(harness, tmp_path, tiny_model_dir, monkeypatch):
 
     # Seed records in a results folder rebuild the report (merit study-report), from any sessions.
     from merit_core.pipeline.study import StudyRecordError, combine, read_records, write_record
-    from merit_core.stages import load_seed_records
+    from merit_core.pipeline.reports import load_seed_records
     from merit_core.study_report import write_study_report
 
     folder = tmp_path / "results"
-    for rec in load_seed_records(cfg, "tiny-study"):
+    for rec in load_seed_records(open_store(cfg.store), "tiny-study"):
         write_record(folder, rec)
     rebuilt = write_study_report(folder, **combine(read_records(folder)))
     assert rebuilt["summary"]["comparisons"] == report["summary"]["comparisons"]

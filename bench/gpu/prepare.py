@@ -121,14 +121,17 @@ def split_model(gguf: Path, parts: list[Path]) -> str:
 def prepare_data(config: str, work: Path, out: Path) -> dict:
     """Resolve the config's mixture and benchmarks with the product's stages into a scratch
     store; pack their store directories, manifests and θ(0)'s config/tokenizer."""
-    from merit_core import stages
     from merit_core.config import load_config
+    from merit_core.pipeline.base import prepare_base
+    from merit_core.pipeline.evaluate import resolve_benchmarks
+    from merit_core.pipeline.mixture import resolve_mixture
+    from merit_core.store import open_store
 
     cfg = load_config(config, [f"store.uri={work / 'store'}"])
-    base = stages.prepare_base(cfg)
-    mixture = stages.resolve_mixture(cfg, base)
-    suite = stages.resolve_benchmarks(cfg, base)
-    store = stages.store_for(cfg)
+    store = open_store(cfg.store)
+    base = prepare_base(cfg, store)
+    mixture = resolve_mixture(cfg, store, base)
+    suite = resolve_benchmarks(cfg, store, base)
     base_dir = store.fetch_dir(base.key)
     (work / "prepared.json").write_text(json.dumps({
         "config": config, "mixture": mixture.model_dump(), "suite": suite.model_dump(),

@@ -1,5 +1,5 @@
 """Run study seeds on a machine without Prefect (a lent GPU machine): the study protocol
-of :mod:`merit_core.pipeline.study` with the bare :mod:`merit_core.stages` functions —
+of :mod:`merit_core.pipeline.study` with the bare :mod:`merit_core.pipeline` stage functions —
 the same protocol and stages the ``merit-study`` flow runs as Prefect tasks.
 
 The mixture and benchmarks were tokenized on the CPU by the same stages
@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     from merit_core.benchmarks import BenchmarkSuite
     from merit_core.config import load_config
     from merit_core.pipeline.study import combine, plain_ops, read_records, run_study, write_record
+    from merit_core.store import open_store
     from merit_core.study import check_study_config, seeds
     from merit_core.study_report import write_study_report
 
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     if [s.name for s in mixture.sources] != [s.name for s in cfg.data.sources]:
         raise SystemExit(f"{bundle / 'prepared.json'} was prepared for other sources than {args.config}: "
                          "run bench/gpu/prepare.py --config " + args.config)
-    ops = dataclasses.replace(plain_ops(), resolve_mixture=lambda config, base: mixture,
+    ops = dataclasses.replace(plain_ops(open_store(cfg.store)), resolve_mixture=lambda config, base: mixture,
                               resolve_benchmarks=lambda config, base: suite)
     first = args.first_seed if args.first_seed is not None else next_seed(previous)
     todo = seeds(cfg, first=first)

@@ -14,7 +14,7 @@
 
 Each stage is a call on a :class:`StudyOps`: the Prefect flow ``merit-study``
 (flows/study.py) passes its tasks, :func:`plain_ops` the bare
-:mod:`merit_core.stages` functions (no Prefect: how the study runs on a GPU machine
+:mod:`merit_core.pipeline` functions (no Prefect: how the study runs on a GPU machine
 without Prefect, bench/gpu/). Both produce one :class:`SeedRecord` per seed — what that
 seed contributes to the report — so seeds run in different sessions, on different
 machines, accumulate: :func:`combine` rebuilds the report's inputs from every record.
@@ -44,14 +44,24 @@ from merit_core.artifacts import (
 )
 from merit_core.benchmarks import BenchmarkSuite
 from merit_core.config import MeritConfig
-from merit_core.study import ModelResult, Seed, merit_label, model_result, r_values, random_label, uniform_label
+from merit_core.store import ArtifactStore
+from merit_core.study import (
+    ModelResult,
+    Seed,
+    merit_label,
+    model_result,
+    r_values,
+    random_label,
+    uniform_label,
+)
 
 logger = logging.getLogger("merit")
 
 
 @dataclass(frozen=True)
 class StudyOps:
-    """The stage calls of a study; signatures as in :mod:`merit_core.stages`, except
+    """The stage calls of a study: the :mod:`merit_core.pipeline` stage functions with the
+    store already bound (``fn(config, ...)``; ``displacement(config, base, models)``), and
     ``run_branches(config, base, mixture, groups, run_id, label) -> list[BranchCheckpoint]``
     (one branch per group, however the executor runs them)."""
 
@@ -68,20 +78,35 @@ class StudyOps:
     displacement: Callable[..., dict[str, float]]
 
 
-def plain_ops() -> StudyOps:
-    """The :mod:`merit_core.stages` functions, branches trained one after another in this
-    process (``run.branch_execution: local`` without Prefect)."""
-    from merit_core import stages
+def plain_ops(store: ArtifactStore) -> StudyOps:
+    """The :mod:`merit_core.pipeline` stage functions on ``store``, branches trained one
+    after another in this process (``run.branch_execution: local`` without Prefect)."""
+    from merit_core.pipeline.base import prepare_base
+    from merit_core.pipeline.branches import train_branch
+    from merit_core.pipeline.conflict import build_conflict_matrix, source_gradient
+    from merit_core.pipeline.evaluate import (
+        displacement,
+        evaluate_benchmarks,
+        evaluate_model,
+        resolve_benchmarks,
+    )
+    from merit_core.pipeline.merge import merge_branches
+    from merit_core.pipeline.mixture import resolve_mixture
+    from merit_core.pipeline.partition import partition_sources
 
-    def run_branches(config, base, mixture, groups, run_id, label):
-        return [stages.train_branch(config, base, mixture, g, run_id, label, k) for k, g in enumerate(groups)]
+    def run_branches(config, base, mix, groups, run_id, label):
+        return [train_branch(config, store, base, mix, g, run_id, label, k) for k, g in enumerate(groups)]
+
+    def on_store(fn):
+        return lambda config, *args, **kwargs: fn(config, store, *args, **kwargs)
 
     return StudyOps(
-        prepare_base=stages.prepare_base, resolve_mixture=stages.resolve_mixture,
-        resolve_benchmarks=stages.resolve_benchmarks, source_gradient=stages.source_gradient,
-        conflict=stages.conflict, split=stages.split, run_branches=run_branches, merge=stages.merge,
-        evaluate=stages.evaluate, evaluate_benchmarks=stages.evaluate_benchmarks,
-        displacement=stages.displacement,
+        prepare_base=on_store(prepare_base), resolve_mixture=on_store(resolve_mixture),
+        resolve_benchmarks=on_store(resolve_benchmarks), source_gradient=on_store(source_gradient),
+        conflict=on_store(build_conflict_matrix), split=partition_sources, run_branches=run_branches,
+        merge=on_store(merge_branches), evaluate=on_store(evaluate_model),
+        evaluate_benchmarks=on_store(evaluate_benchmarks),
+        displacement=lambda config, base, models: displacement(store, base, models),
     )
 
 

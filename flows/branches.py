@@ -1,0 +1,211 @@
+"""One branch per group, trained with no communication between branches (MERIT spec
+step 4), in the mode ``run.branch_execution`` names:
+
+- ``local``: one ``merit-branch`` subflow run after another, in this process;
+- ``processes``: ``merit-branch`` subflow runs in a process pool on this machine;
+- ``deployment``: one flow run of the deployment ``run.branch_deployment``
+  (``merit-branch/process``, ``merit-branch/docker-gpu``, ``merit-branch/k8s-gpu``) per
+  branch, so each runs on whatever worker of that pool is free.
+
+For ``deployment`` the parent starts every child at once with the idempotency key
+``<parent flow-run id>-<run id>-<label>-<index>`` (a retried parent gets its existing
+children back; a child that had failed is rescheduled, a completed one reused), waits
+for all of them with Prefect's :func:`prefect.flow_runs.wait_for_flow_run`, fails with
+each failed child's own state message, and reads each branch's result from the artifact
+store (the one thing parent and workers share), not from Prefect's result storage.
+"""
+
+
+import asyncio
+import logging
+import os
+from collections.abc import Sequence
+from uuid import UUID
+
+from prefect import flow, get_run_logger, task
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import FlowRun
+from prefect.deployments import run_deployment
+from prefect.exceptions import FlowRunWaitTimeout, MissingContextError, ObjectNotFound
+from prefect.flow_runs import wait_for_flow_run
+from prefect.runtime import flow_run
+from prefect.settings import PREFECT_API_URL
+from prefect.states import Scheduled
+from prefect.task_runners import ProcessPoolTaskRunner
+from prefect.utilities.asyncutils import run_coro_as_sync
+
+from merit_core.artifacts import BranchCheckpoint, MixtureManifest, ModelRef
+from merit_core.config import MeritConfig
+from tasks import collect_branches_task, train_branch_task
+
+
+class BranchRunError(RuntimeError):
+    """A branch flow run started through a deployment did not produce its checkpoint;
+    the message names the branch, the child flow run and its state message."""
+
+
+@flow(name="merit-branch", flow_run_name="{label}-branch-{index}")
+def merit_branch(config: MeritConfig, base: ModelRef, mixture: MixtureManifest, sources: list[str],
+                 run_id: str, label: str, index: int) -> BranchCheckpoint:
+    """Fine-tune one copy of θ(0) on the union of ``sources`` (spec step 4)."""
+    return train_branch_task(config, base, mixture, sources, run_id, label, index)
+
+
+@task(name="branch-process", task_run_name="branch-process-{label}-{index}")
+def _branch_in_process(config: MeritConfig, base: ModelRef, mixture: MixtureManifest, sources: list[str],
+                       run_id: str, label: str, index: int) -> BranchCheckpoint:
+    return merit_branch(config, base, mixture, sources, run_id, label, index)
+
+
+def run_branches(config: MeritConfig, base: ModelRef, mixture: MixtureManifest, groups: list[list[str]],
+                 run_id: str, label: str) -> list[BranchCheckpoint]:
+    """Train one branch per group, independently, as ``config.run.branch_execution`` says;
+    return their checkpoints in group order.
+
+    With ``processes`` and no ``train.threads``, each of the parallel branches gets an
+    equal share of this machine's cores.
+    """
+    mode = config.run.branch_execution
+    args = [dict(config=config, base=base, mixture=mixture, sources=g, run_id=run_id, label=label, index=k)
+            for k, g in enumerate(groups)]
+    if mode == "local":
+        return [merit_branch(**a) for a in args]
+    if mode == "processes":
+        workers = min(config.run.max_parallel_branches, len(groups))
+        if config.train.threads is None:
+            per = max(1, (os.cpu_count() or 1) // workers)
+            config = config.model_copy(update={"train": config.train.model_copy(update={"threads": per})})
+            args = [{**a, "config": config} for a in args]
+        with ProcessPoolTaskRunner(max_workers=workers) as runner:
+            futures = [runner.submit(_branch_in_process, parameters=a) for a in args]
+            return [f.result() for f in futures]
+    if mode == "deployment":
+        return run_branches_on_deployment(config, base, mixture, groups, run_id, label)
+    raise ValueError(f"run.branch_execution={mode!r}: use 'local', 'processes' or 'deployment'")
+
+
+# --- deployment fan-out -------------------------------------------------------------------
+
+
+def _logger() -> logging.Logger | logging.LoggerAdapter:
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("merit.branches")
+
+
+def _parent_flow_run_id() -> str | None:
+    return flow_run.get_id()
+
+
+def idempotency_key(parent_id: str, run_id: str, label: str, index: int) -> str:
+    """The key that makes a retried parent reuse its children: parent flow run + branch
+    (``run_id`` too, since one parent may train several runs, e.g. a study's seeds)."""
+    return f"{parent_id}-{run_id}-{label}-{index}"
+
+
+def start_branch(deployment: str, parameters: dict, key: str, tags: list[str]) -> FlowRun:
+    """Create (or, for a known idempotency key, get back) one child flow run without
+    waiting for it; a child left failed/crashed/cancelled by an earlier attempt of the
+    parent is rescheduled.
+
+    Raises:
+        BranchRunError: the deployment does not exist on the Prefect API.
+    """
+    try:
+        child = run_deployment(deployment, parameters=parameters, idempotency_key=key, as_subflow=True,
+                               timeout=0, tags=tags)
+    except ObjectNotFound:
+        raise BranchRunError(
+            f"deployment {deployment!r} (run.branch_deployment) does not exist on the Prefect API at "
+            f"{PREFECT_API_URL.value() or '<ephemeral>'}; deploy it first, e.g. "
+            f"`prefect --no-prompt deploy --name {deployment.split('/')[-1]}` from the repository root"
+        ) from None
+    state = child.state
+    if state is not None and state.is_final() and not state.is_completed():
+        _logger().warning("branch child %s (%s) is %s from an earlier attempt; rescheduling it",
+                          child.name, child.id, state.name)
+        reschedule(child.id, f"rescheduled by a retry of the parent ({key})")
+    return child
+
+
+def reschedule(flow_run_id: UUID, message: str) -> None:
+    """Put a finished deployment flow run back in Scheduled (what `prefect flow-run retry`
+    does); the branch resumes from its newest checkpoint in the store."""
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(flow_run_id, Scheduled(message=message), force=True)
+
+
+def wait_for_flow_runs(ids: Sequence[UUID], timeout: float | None) -> dict[UUID, FlowRun]:
+    """Wait, all together, until every flow run in ``ids`` is final or ``timeout`` seconds
+    passed (:func:`prefect.flow_runs.wait_for_flow_run`, which follows the runs' state
+    events); return the latest view of each."""
+
+    async def one(client, flow_run_id: UUID) -> FlowRun:
+        try:
+            return await wait_for_flow_run(flow_run_id, timeout=timeout, client=client)
+        except FlowRunWaitTimeout:
+            return await client.read_flow_run(flow_run_id)
+
+    async def every() -> list[FlowRun]:
+        async with get_client() as client:
+            return await asyncio.gather(*(one(client, i) for i in ids))
+
+    runs = run_coro_as_sync(every())
+    for r in runs:
+        if r.state is not None and r.state.is_final():
+            _logger().info("branch flow run %s finished: %s", r.name, r.state.name)
+    return {r.id: r for r in runs}
+
+
+def _failures(children: Sequence[FlowRun], final: dict[UUID, FlowRun], label: str, timeout: float | None) -> list[str]:
+    errors = []
+    for index, child in enumerate(children):
+        run = final.get(child.id, child)
+        state = run.state
+        if state is None or not state.is_final():
+            errors.append(f"branch {label}/{index} (flow run {run.name}, {run.id}) did not finish within "
+                          f"run.branch_timeout_s={timeout} s; it is {state.name if state else 'without state'}")
+        elif not state.is_completed():
+            errors.append(f"branch {label}/{index} (flow run {run.name}, {run.id}) ended {state.name}: "
+                          f"{state.message or 'no message'}")
+    return errors
+
+
+def run_branches_on_deployment(config: MeritConfig, base: ModelRef, mixture: MixtureManifest,
+                               groups: list[list[str]], run_id: str, label: str) -> list[BranchCheckpoint]:
+    """Train one branch per group as separate flow runs of ``config.run.branch_deployment``,
+    concurrently; return their checkpoints in group order (read from the store).
+
+    Raises:
+        BranchRunError: no parent flow run, the deployment does not exist, a child ended in
+            a state other than Completed (its state message is included), or a child did
+            not finish within ``run.branch_timeout_s``.
+        merit_core.pipeline.branches.BranchStoreError: a completed child left no complete
+            branch directory in the store.
+    """
+    log = _logger()
+    parent = _parent_flow_run_id()
+    if parent is None:
+        raise BranchRunError("run.branch_execution='deployment' needs a Prefect flow run of `merit` as the parent "
+                             "(run it with `prefect deployment run merit/full`)")
+    deployment = config.run.branch_deployment
+    if not config.store.uri.startswith("s3://"):
+        log.warning("store %s is a local directory: every worker of %s must see the same path "
+                    "(use an s3:// store for workers on other machines)", config.store.uri, deployment)
+    common = dict(config=config.model_dump(mode="json"), base=base.model_dump(mode="json"),
+                  mixture=mixture.model_dump(mode="json"), run_id=run_id, label=label)
+    children: list[FlowRun] = []
+    for index, group in enumerate(groups):
+        child = start_branch(deployment, {**common, "sources": list(group), "index": index},
+                             idempotency_key(parent, run_id, label, index),
+                             tags=[f"merit-run:{run_id}", f"merit:{label}"])
+        log.info("branch %s/%d (%d sources) -> flow run %s (%s) of %s",
+                 label, index, len(group), child.name, child.id, deployment)
+        children.append(child)
+    timeout = config.run.branch_timeout_s
+    errors = _failures(children, wait_for_flow_runs([c.id for c in children], timeout), label, timeout)
+    if errors:
+        raise BranchRunError(f"{len(errors)} of {len(children)} branches on {deployment} failed:\n  "
+                             + "\n  ".join(errors))
+    return collect_branches_task(config, run_id, label, groups)

@@ -1,0 +1,42 @@
+"""Stage *prepare base*: θ(0) into the store."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from merit_core.artifacts import ModelRef
+from merit_core.config import MeritConfig
+from merit_core.models import model_sha256, resolve_model_source
+from merit_core.pipeline.layout import base_model_key
+from merit_core.store import ArtifactStore, default_cache_dir
+
+
+def prepare_base(cfg: MeritConfig, store: ArtifactStore) -> ModelRef:
+    """Resolve θ(0) (GGUF conversion, local dir or hub id, ``cfg.model``) and commit it to
+    ``models/<sha256>`` unless it is there already.
+
+    Returns:
+        ModelRef with the sha256 of the weights (the cache key of every source gradient).
+
+    Raises:
+        merit_core.models.ModelSourceError: the model source cannot be resolved.
+        merit_core.store.StoreError: the store cannot be written.
+    """
+    local = Path(resolve_model_source(cfg.model, default_cache_dir() / "models"))
+    sha = model_sha256(local)
+    key = base_model_key(sha)
+    if not store.is_complete(key):
+        staging = store.staging_dir(key)
+        for p in local.iterdir():
+            if p.is_file() and p.name != "manifest.json":
+                shutil.copy2(p, staging / p.name)
+        store.commit_dir(key, staging, metadata={"kind": "base", "source": cfg.model.source, "sha256": sha})
+    return ModelRef(key=key, uri=store.uri_for(key), sha256=sha, label="base")
+
+
+def load_base_tokenizer(store: ArtifactStore, base: ModelRef):
+    """The tokenizer stored with θ(0) (``transformers.AutoTokenizer``)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(store.fetch_dir(base.key))

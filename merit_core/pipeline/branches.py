@@ -1,0 +1,149 @@
+"""Stage *train branch* (MERIT spec step 4, paper §3.3): one copy of θ(0) fine-tuned on
+the union of a group's sources, with no communication with other branches; and reading
+finished branches back from the store."""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from merit_core.artifacts import (
+    BranchCheckpoint,
+    MixtureManifest,
+    ModelRef,
+    write_examples,
+)
+from merit_core.config import MeritConfig
+from merit_core.data.types import TokenizedExample
+from merit_core.launch import resolve_nproc, run_distributed_branch
+from merit_core.pipeline.layout import (
+    branch_checkpoints_prefix,
+    branch_key,
+    work_dir_name,
+)
+from merit_core.pipeline.mixture import load_split
+from merit_core.store import ArtifactStore, StoreError, default_cache_dir
+from merit_core.train import check_train_setup
+from merit_core.train import train_branch as run_trainer
+
+logger = logging.getLogger("merit")
+
+
+class BranchStoreError(StoreError):
+    """A branch that should be finished has no complete, matching directory in the store."""
+
+
+def train_branch(cfg: MeritConfig, store: ArtifactStore, base: ModelRef, mixture: MixtureManifest,
+                 sources: Sequence[str], run_id: str, label: str, index: int,
+                 after_checkpoint: Callable[[Path], None] | None = None) -> BranchCheckpoint:
+    """Fine-tune θ(0) on the union of ``sources`` and commit θ_k to
+    ``runs/<run-id>/<label>/branches/<index>/`` (returned as-is if already complete).
+
+    Checkpoints go to ``.../branches/<index>-checkpoints/checkpoint-<step>/`` as the
+    Trainer writes them; a restarted branch (retry, new worker) first fetches the newest
+    complete one and resumes from it; they are deleted once θ_k is committed.
+    ``after_checkpoint`` is called with each local checkpoint dir once it is in the store
+    (in-process training only). With ``train.nproc_per_node`` > 1, or DeepSpeed, the
+    branch trains on that many processes (:mod:`merit_core.launch`).
+
+    Raises:
+        merit_core.train.TrainSetupError: settings this machine cannot train with.
+        merit_core.train.TrainError: training failed.
+    """
+    key = branch_key(run_id, label, index)
+    if store.is_complete(key):
+        logger.info("branch %s/%d already complete in the store; reusing it", label, index)
+        return read_branch(store, key)
+    examples: list[TokenizedExample] = []
+    for name in sorted(sources):
+        examples += load_split(store, mixture.get(name), "train")
+    base_dir = store.fetch_dir(base.key)
+
+    ckpt_prefix = branch_checkpoints_prefix(run_id, label, index)
+    work = default_cache_dir() / "work" / work_dir_name(run_id, label, index)
+    ckpt_dir = work / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    _restore_newest_checkpoint(store, ckpt_prefix, ckpt_dir)
+
+    def upload(path: Path) -> None:
+        store.commit_dir(f"{ckpt_prefix}/{path.name}", path, metadata={"kind": "train-checkpoint"})
+        if after_checkpoint is not None:
+            after_checkpoint(path)
+
+    out = store.staging_dir(key)
+    nproc = resolve_nproc(cfg.train.nproc_per_node)
+    check_train_setup(cfg.train, nproc)
+    if nproc > 1 or cfg.train.deepspeed:  # torchrun (DDP / DeepSpeed ZeRO, which needs its env even on 1 GPU)
+        write_examples(work / "examples.jsonl", examples)
+        res = run_distributed_branch(
+            {"config": cfg.model_dump(mode="json"), "base_dir": str(base_dir),
+             "examples": str(work / "examples.jsonl"), "output_dir": str(out), "checkpoint_dir": str(ckpt_dir),
+             "checkpoint_prefix": ckpt_prefix, "dtype": cfg.model.dtype},
+            work, nproc)
+    else:
+        res = run_trainer(base_dir, examples, out, cfg.train, checkpoint_dir=ckpt_dir,
+                          dtype=cfg.model.dtype, on_checkpoint=upload)
+    ref = BranchCheckpoint(
+        index=index, label=label, key=key, uri=store.uri_for(key), sources=sorted(sources),
+        trained_tokens=res.trained_tokens, examples=res.examples, steps=res.steps,
+        train_loss=res.train_loss, wall_s=res.wall_s, resumed_from_step=res.resumed_from_step,
+        processes=res.processes, packed=res.packed,
+        real_token_fraction=None if math.isnan(res.real_token_fraction) else res.real_token_fraction,
+    )
+    store.commit_dir(key, Path(res.output_dir), metadata={"kind": "branch", "branch": ref.model_dump()})
+    store.delete_prefix(ckpt_prefix)
+    shutil.rmtree(work, ignore_errors=True)
+    _log_branch(ref)
+    return ref
+
+
+def _log_branch(ref: BranchCheckpoint) -> None:
+    logger.info("branch %s/%d: %d sources, %d examples, %d steps, N_k = %d tokens, train loss %.3f, %.1f s, "
+                "%s real tokens%s", ref.label, ref.index, len(ref.sources), ref.examples, ref.steps,
+                ref.trained_tokens, ref.train_loss, ref.wall_s, "–" if ref.real_token_fraction is None else
+                f"{ref.real_token_fraction:.1%}", " (packed)" if ref.packed else "")
+
+
+def _restore_newest_checkpoint(store: ArtifactStore, prefix: str, ckpt_dir: Path) -> None:
+    """Copy the newest complete ``checkpoint-<step>`` under ``prefix`` into ``ckpt_dir``."""
+    complete = store.list_complete(prefix)
+    if not complete:
+        return
+    newest = max(complete, key=lambda k: int(k.rstrip("/").rsplit("-", 1)[-1]))
+    dest = ckpt_dir / newest.rstrip("/").rsplit("/", 1)[-1]
+    if not dest.exists():
+        src = store.fetch_dir(newest)
+        shutil.copytree(src, dest, ignore=shutil.ignore_patterns("manifest.json"))
+    logger.info("restored training checkpoint %s for resume", newest)
+
+
+def read_branch(store: ArtifactStore, key: str) -> BranchCheckpoint:
+    """The BranchCheckpoint recorded in the manifest of a complete branch directory."""
+    return BranchCheckpoint.model_validate(store.get_json(f"{key}/manifest.json")["metadata"]["branch"])
+
+
+def collect_branches(store: ArtifactStore, run_id: str, label: str,
+                     groups: Sequence[Sequence[str]]) -> list[BranchCheckpoint]:
+    """The finished branches of a partition, in group order, read from the store (how a
+    parent learns what branches trained elsewhere produced).
+
+    Raises:
+        BranchStoreError: a branch directory is missing or incomplete (the worker wrote to
+            a different store), or holds other sources than its group.
+    """
+    results = []
+    for index, group in enumerate(groups):
+        key = branch_key(run_id, label, index)
+        if not store.is_complete(key):
+            raise BranchStoreError(
+                f"branch {label}/{index}: {store.uri_for(key)} has no manifest; the branch worker wrote to a "
+                "different store than the parent (check store.uri)")
+        ckpt = read_branch(store, key)
+        if sorted(ckpt.sources) != sorted(group):
+            raise BranchStoreError(f"branch {label}/{index}: {store.uri_for(key)} holds sources {ckpt.sources}, "
+                                   f"expected {sorted(group)}")
+        results.append(ckpt)
+    return results

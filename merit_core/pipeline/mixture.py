@@ -1,0 +1,64 @@
+"""Stage *resolve mixture*: every source loaded, tokenized, split into train / held-out /
+calibration examples and stored under ``data/<content-hash>/``."""
+
+from __future__ import annotations
+
+from merit_core.artifacts import (
+    MixtureManifest,
+    ModelRef,
+    SourceInfo,
+    read_examples,
+    write_examples,
+)
+from merit_core.config import MeritConfig
+from merit_core.data import resolve_mixture as load_mixture
+from merit_core.data.types import TokenizedExample
+from merit_core.pipeline.base import load_base_tokenizer
+from merit_core.pipeline.layout import source_data_key
+from merit_core.store import ArtifactStore
+
+SPLITS = ("train", "heldout", "calibration")
+
+
+def resolve_mixture(cfg: MeritConfig, store: ArtifactStore, base: ModelRef) -> MixtureManifest:
+    """Load, tokenize and split every source of ``cfg.data`` with θ(0)'s tokenizer; commit
+    each source's splits (train.jsonl, heldout.jsonl, calibration.jsonl) unless stored.
+
+    Returns:
+        MixtureManifest: per source its content hash, store key and example/token counts.
+
+    Raises:
+        merit_core.data.errors.DataError: a source cannot be read (the message names it).
+    """
+    tokenizer = load_base_tokenizer(store, base)
+    mixture = load_mixture(cfg.data, tokenizer, cfg.conflict.calibration_size)
+    infos = []
+    for name in mixture.names:
+        sd = mixture.sources[name]
+        key = source_data_key(sd.content_hash)
+        if not store.is_complete(key):
+            staging = store.staging_dir(key)
+            for split, examples in zip(SPLITS, (sd.train, sd.heldout, sd.calibration)):
+                write_examples(staging / f"{split}.jsonl", examples)
+            store.commit_dir(key, staging, metadata={"kind": "tokenized-source", "source": name})
+        st = sd.stats
+        spec = next(s for s in cfg.data.sources if s.name == name)
+        infos.append(SourceInfo(
+            name=name, kind=spec.kind, content_hash=sd.content_hash, key=key, examples=st.examples,
+            train=st.train_examples, heldout=st.heldout_examples, calibration=st.calibration_examples,
+            loss_tokens=st.loss_tokens, truncated=st.truncated, dropped=st.dropped,
+            has_options=any(e.example is not None and e.example.options for e in sd.heldout),
+        ))
+    return MixtureManifest(sources=infos)
+
+
+def load_split(store: ArtifactStore, source: SourceInfo, split: str) -> list[TokenizedExample]:
+    """Tokenized examples of one data split (``train`` / ``heldout`` / ``calibration``) of
+    a stored source.
+
+    Raises:
+        ValueError: ``split`` is not one of those three.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"data split {split!r}: use one of {', '.join(SPLITS)}")
+    return read_examples(store.fetch_dir(source.key) / f"{split}.jsonl")
