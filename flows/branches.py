@@ -15,7 +15,6 @@ each failed child's own state message, and reads each branch's result from the a
 store (the one thing parent and workers share), not from Prefect's result storage.
 """
 
-
 import asyncio
 import logging
 import os

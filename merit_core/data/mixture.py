@@ -234,6 +234,52 @@ def split_source(
     return [examples[i] for i in train], [examples[i] for i in held]
 
 
+def _resolve_source(spec: SourceSpec, data_cfg: DataConfig, tokenizer, calibration_size: int) -> SourceData:
+    """One source of :func:`resolve_mixture`: load, tokenize, split train/held-out, draw the
+    calibration set, count."""
+    examples = load_examples(spec, data_cfg.seed)
+    tokenized: list[TokenizedExample] = []
+    dropped = 0
+    for ex in examples:
+        te = tokenize_example(tokenizer, ex, data_cfg.max_length, data_cfg.chat_template, spec.name)
+        if te is None:
+            dropped += 1
+        else:
+            tokenized.append(te)
+    if not tokenized:
+        raise DataError(
+            where(spec.name) + f"all {len(examples)} examples were dropped: data.max_length={data_cfg.max_length} "
+            "leaves no room for a single response token after the chat template; raise data.max_length"
+        )
+    train, heldout = split_source(tokenized, data_cfg, spec.name)
+    if len(train) <= calibration_size:
+        if len(train) < calibration_size:
+            log.warning(
+                "source %r: only %d training examples, fewer than conflict.calibration_size=%d; "
+                "the calibration set is all of them", spec.name, len(train), calibration_size,
+            )
+        calibration = list(train)
+    else:
+        calibration = random.Random(f"{data_cfg.seed}:{spec.name}:calibration").sample(train, calibration_size)
+    lengths = [len(e.input_ids) for e in tokenized]
+    stats = SourceStats(
+        examples=len(examples),
+        train_examples=len(train),
+        heldout_examples=len(heldout),
+        calibration_examples=len(calibration),
+        loss_tokens=sum(e.n_loss_tokens for e in train),
+        truncated=sum(e.truncated for e in tokenized),
+        dropped=dropped,
+        extra={"mean_length": round(sum(lengths) / len(lengths), 1), "max_length_seen": max(lengths)},
+    )
+    log.info("source %r: %d examples, %d train, %d held-out, %d truncated, %d dropped",
+             spec.name, stats.examples, stats.train_examples, stats.heldout_examples, stats.truncated, dropped)
+    return SourceData(
+        name=spec.name, kind=spec.kind, spec=spec, train=train, heldout=heldout, calibration=calibration,
+        stats=stats, content_hash=content_hash(train, heldout, calibration),
+    )
+
+
 def resolve_mixture(data_cfg: DataConfig, tokenizer, calibration_size: int) -> Mixture:
     """Load, tokenize, split and count every source of ``data_cfg`` (module docstring).
 
@@ -254,47 +300,7 @@ def resolve_mixture(data_cfg: DataConfig, tokenizer, calibration_size: int) -> M
     for spec in data_cfg.sources:
         if data_cfg.system_prompt and not spec.system_prompt:
             spec = spec.model_copy(update={"system_prompt": data_cfg.system_prompt})
-        examples = load_examples(spec, data_cfg.seed)
-        tokenized: list[TokenizedExample] = []
-        dropped = 0
-        for ex in examples:
-            te = tokenize_example(tokenizer, ex, data_cfg.max_length, data_cfg.chat_template, spec.name)
-            if te is None:
-                dropped += 1
-            else:
-                tokenized.append(te)
-        if not tokenized:
-            raise DataError(
-                where(spec.name) + f"all {len(examples)} examples were dropped: data.max_length={data_cfg.max_length} "
-                "leaves no room for a single response token after the chat template; raise data.max_length"
-            )
-        train, heldout = split_source(tokenized, data_cfg, spec.name)
-        if len(train) <= calibration_size:
-            if len(train) < calibration_size:
-                log.warning(
-                    "source %r: only %d training examples, fewer than conflict.calibration_size=%d; "
-                    "the calibration set is all of them", spec.name, len(train), calibration_size,
-                )
-            calibration = list(train)
-        else:
-            calibration = random.Random(f"{data_cfg.seed}:{spec.name}:calibration").sample(train, calibration_size)
-        lengths = [len(e.input_ids) for e in tokenized]
-        stats = SourceStats(
-            examples=len(examples),
-            train_examples=len(train),
-            heldout_examples=len(heldout),
-            calibration_examples=len(calibration),
-            loss_tokens=sum(e.n_loss_tokens for e in train),
-            truncated=sum(e.truncated for e in tokenized),
-            dropped=dropped,
-            extra={"mean_length": round(sum(lengths) / len(lengths), 1), "max_length_seen": max(lengths)},
-        )
-        out[spec.name] = SourceData(
-            name=spec.name, kind=spec.kind, spec=spec, train=train, heldout=heldout, calibration=calibration,
-            stats=stats, content_hash=content_hash(train, heldout, calibration),
-        )
-        log.info("source %r: %d examples, %d train, %d held-out, %d truncated, %d dropped",
-                 spec.name, stats.examples, stats.train_examples, stats.heldout_examples, stats.truncated, dropped)
+        out[spec.name] = _resolve_source(spec, data_cfg, tokenizer, calibration_size)
     return Mixture(
         sources=out, max_length=data_cfg.max_length, seed=data_cfg.seed, calibration_size=calibration_size,
         tokenizer_name=str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__),

@@ -94,15 +94,6 @@ def list_tasks() -> list[str]:
     return sorted(f"{t}/{v}" for t, vs in cat.items() for v in vs) + sorted(t for t, vs in cat.items() if not vs)
 
 
-def task_family(task: str) -> str:
-    """The task without its variant (``arc_easy/rc_5shot`` -> ``arc_easy``; an MMLU
-    subject is its own family). Two sources of one family overlap."""
-    name = task.strip().strip("/")
-    if name.startswith("mmlu/"):
-        return name
-    return name.split("/", 1)[0]
-
-
 def resolve_task(task: str, source: str = "") -> tuple[str, str | None]:
     """``(task, variant)`` for a task name; variant None for an MMLU subject.
 
