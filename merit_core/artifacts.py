@@ -6,13 +6,12 @@ the artifact store. Every object here serialises to a few KB of JSON.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
-from merit_core.data.types import Example, TokenizedExample
+from merit_core.data.types import TokenizedExample
 
 
 class ModelRef(BaseModel):
@@ -113,55 +112,16 @@ class StageTiming(BaseModel):
     seconds: float
 
 
-# --- tokenized example (de)serialisation for the store ------------------------------
+# --- tokenized examples in the store: JSON Lines through pydantic ---------------------
 
-
-def example_to_dict(e: TokenizedExample) -> dict:
-    ex = e.example
-    return {
-        "input_ids": e.input_ids,
-        "labels": e.labels,
-        "prompt_length": e.prompt_length,
-        "source": e.source,
-        "truncated": e.truncated,
-        "example": None
-        if ex is None
-        else {
-            "prompt": ex.prompt,
-            "response": ex.response,
-            "options": list(ex.options) if ex.options is not None else None,
-            "correct": ex.correct,
-            "system": ex.system,
-        },
-    }
-
-
-def example_from_dict(d: dict) -> TokenizedExample:
-    ex = d.get("example")
-    example = None
-    if ex is not None:
-        example = Example(
-            prompt=ex["prompt"],
-            response=ex["response"],
-            options=tuple(ex["options"]) if ex.get("options") is not None else None,
-            correct=ex.get("correct"),
-            system=ex.get("system"),
-        )
-    return TokenizedExample(
-        input_ids=list(d["input_ids"]),
-        labels=list(d["labels"]),
-        prompt_length=int(d["prompt_length"]),
-        source=d.get("source", ""),
-        example=example,
-        truncated=bool(d.get("truncated", False)),
-    )
+_EXAMPLE = TypeAdapter(TokenizedExample)
 
 
 def write_examples(path: str | Path, examples: Sequence[TokenizedExample]) -> None:
-    """Write tokenized examples as JSON Lines (one example per line)."""
-    with open(path, "w") as f:
+    """Write tokenized examples as JSON Lines, one :class:`TokenizedExample` per line."""
+    with open(path, "wb") as f:
         for e in examples:
-            f.write(json.dumps(example_to_dict(e)) + "\n")
+            f.write(_EXAMPLE.dump_json(e) + b"\n")
 
 
 def read_examples(path: str | Path) -> list[TokenizedExample]:
@@ -171,12 +131,12 @@ def read_examples(path: str | Path) -> list[TokenizedExample]:
         ValueError: naming the file and line of a malformed record.
     """
     out = []
-    with open(path) as f:
+    with open(path, "rb") as f:
         for i, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                out.append(example_from_dict(json.loads(line)))
-            except (ValueError, KeyError, TypeError) as err:
+                out.append(_EXAMPLE.validate_json(line))
+            except ValidationError as err:
                 raise ValueError(f"{path}:{i}: malformed tokenized example ({err})") from err
     return out
