@@ -44,10 +44,13 @@ def _load(config: Path, overrides: list[str] | None):
     from merit_core.config import ConfigError, load_config
 
     try:
-        return load_config(config, overrides or [])
+        cfg = load_config(config, overrides or [])
     except ConfigError as e:
         typer.secho(str(e), fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
+    if cfg.store.credentials_block:  # the store reads Prefect blocks through tasks.credentials
+        import tasks.credentials  # noqa: F401
+    return cfg
 
 
 def _exit_on_sigterm() -> None:

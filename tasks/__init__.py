@@ -1,5 +1,9 @@
-"""Prefect tasks: one thin wrapper per pipeline stage around merit_core.stages."""
+"""Prefect tasks: one thin wrapper per pipeline stage around merit_core.stages.
 
+Importing the package registers :func:`tasks.credentials.session_from_block` as the
+store's provider of sessions for Prefect credentials blocks."""
+
+import tasks.credentials  # noqa: F401 — registers the store's session provider
 from tasks.stages import (  # noqa: F401
     conflict_task,
     displacement_task,

@@ -22,7 +22,6 @@ import boto3
 import pytest
 
 from merit_core.config import StoreConfig
-from merit_core.manifest import MANIFEST_NAME
 from merit_core.store import (
     CorruptArtifactError,
     IncompleteArtifactError,
@@ -32,6 +31,7 @@ from merit_core.store import (
     TransferSettings,
     open_store,
 )
+from merit_core.store.manifest import MANIFEST_NAME
 
 ACCESS_KEY = "AKIAMERITTESTLEAK4242"
 SECRET_KEY = "merit-test-secret-DO-NOT-LEAK-7f3a9c"
