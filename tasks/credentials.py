@@ -11,7 +11,7 @@ imports Prefect. The credentials are never logged: messages name the block only.
 from __future__ import annotations
 
 import boto3
-import prefect.client.orchestration as orchestration
+from prefect.client import orchestration
 from prefect.exceptions import ObjectNotFound
 
 from merit_core.store import StoreError, set_session_provider

@@ -25,7 +25,12 @@ from typing import Any
 from urllib.parse import urlparse
 
 from merit_core.store.base import ArtifactStore, default_cache_dir
-from merit_core.store.errors import CorruptArtifactError, IncompleteArtifactError, ObjectNotFoundError, StoreError
+from merit_core.store.errors import (
+    CorruptArtifactError,
+    IncompleteArtifactError,
+    ObjectNotFoundError,
+    StoreError,
+)
 from merit_core.store.keys import safe_key
 from merit_core.store.local import LocalStore
 from merit_core.store.s3 import S3Store

@@ -20,7 +20,12 @@ from typing import Any
 
 from merit_core.store.errors import CorruptArtifactError
 from merit_core.store.local import tmp_sibling
-from merit_core.store.manifest import MANIFEST_NAME, ManifestError, sha256_file, verify_manifest
+from merit_core.store.manifest import (
+    MANIFEST_NAME,
+    ManifestError,
+    sha256_file,
+    verify_manifest,
+)
 
 log = logging.getLogger(__name__)
 

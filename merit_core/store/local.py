@@ -14,9 +14,20 @@ from urllib.parse import urlparse
 from urllib.request import url2pathname
 
 from merit_core.store.base import ArtifactStore, default_cache_dir
-from merit_core.store.errors import CorruptArtifactError, IncompleteArtifactError, ObjectNotFoundError, StoreError
+from merit_core.store.errors import (
+    CorruptArtifactError,
+    IncompleteArtifactError,
+    ObjectNotFoundError,
+    StoreError,
+)
 from merit_core.store.keys import check_key
-from merit_core.store.manifest import MANIFEST_NAME, ManifestError, list_files, verify_manifest, write_manifest
+from merit_core.store.manifest import (
+    MANIFEST_NAME,
+    ManifestError,
+    list_files,
+    verify_manifest,
+    write_manifest,
+)
 
 log = logging.getLogger(__name__)
 

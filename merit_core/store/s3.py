@@ -19,7 +19,12 @@ from typing import Any
 
 from merit_core.store.base import ArtifactStore, default_cache_dir
 from merit_core.store.cache import BlobCache
-from merit_core.store.errors import CorruptArtifactError, IncompleteArtifactError, ObjectNotFoundError, StoreError
+from merit_core.store.errors import (
+    CorruptArtifactError,
+    IncompleteArtifactError,
+    ObjectNotFoundError,
+    StoreError,
+)
 from merit_core.store.keys import check_key, check_rel
 from merit_core.store.manifest import MANIFEST_NAME, build_manifest, manifest_bytes
 from merit_core.store.s3_transport import S3Transport, TransferSettings, redact_url

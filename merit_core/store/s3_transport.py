@@ -193,7 +193,9 @@ class S3Transport:
         """``fn(*args, **kwargs)`` with boto3 errors re-raised through :meth:`error`."""
         from boto3.exceptions import Boto3Error
         from botocore.exceptions import BotoCoreError, ClientError
-        from s3transfer.exceptions import RetriesExceededError as TransferRetriesExceeded
+        from s3transfer.exceptions import (
+            RetriesExceededError as TransferRetriesExceeded,
+        )
         from s3transfer.exceptions import S3DownloadFailedError, S3UploadFailedError
 
         transfer_errors = (TransferRetriesExceeded, S3DownloadFailedError, S3UploadFailedError)
