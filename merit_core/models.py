@@ -29,7 +29,7 @@ from typing import Any
 
 from merit_core._hub import hub_endpoint, hub_offline, hub_reachable
 from merit_core.config import ModelConfig
-from merit_core.manifest import is_complete, read_manifest, sha256_file, sha256_file_cached, verify_manifest, write_manifest
+from merit_core.store.manifest import is_complete, read_manifest, sha256_file, sha256_file_cached, verify_manifest, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def find_packaged_gguf() -> Path:
 
 def gguf_sha256(path: str | os.PathLike) -> str:
     """sha256 of a file, computed once per process per version of the file
-    (:func:`merit_core.manifest.sha256_file_cached`)."""
+    (:func:`merit_core.store.manifest.sha256_file_cached`)."""
     return sha256_file_cached(path)
 
 

@@ -1,5 +1,9 @@
-"""Prefect tasks: one thin wrapper per stage of merit_core.pipeline."""
+"""Prefect tasks: one thin wrapper per stage of merit_core.pipeline.
 
+Importing the package registers :func:`tasks.credentials.session_from_block` as the
+store's provider of sessions for Prefect credentials blocks."""
+
+import tasks.credentials  # noqa: F401 — registers the store's session provider
 from tasks.stages import (  # noqa: F401
     collect_branches_task,
     conflict_task,

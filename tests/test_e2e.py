@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from merit_core.manifest import verify_manifest
+from merit_core.store.manifest import verify_manifest
 from tests.helpers import write_jsonl_sources
 
 pytestmark = pytest.mark.e2e

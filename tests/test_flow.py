@@ -9,7 +9,7 @@ import pytest
 from prefect.testing.utilities import prefect_test_harness
 
 from merit_core.config import ConfigError, MeritConfig, load_config
-from merit_core.manifest import verify_manifest
+from merit_core.store.manifest import verify_manifest
 from tests.helpers import write_jsonl_sources
 
 SOURCES = ["alpha", "beta", "gamma", "delta"]

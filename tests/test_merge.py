@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.conftest import build_tiny_llama
-from merit_core.manifest import is_complete, verify_manifest
+from merit_core.store.manifest import is_complete, verify_manifest
 from merit_core.merge import MERGE_METHODS, MergeError, merge_checkpoints, register
 from merit_core.merge import dare, ties
 from merit_core.merge.io import Checkpoint

@@ -12,7 +12,7 @@ import torch
 
 import merit_core.models as models
 from merit_core.config import ModelConfig
-from merit_core.manifest import ManifestError, is_complete, read_manifest, write_manifest
+from merit_core.store.manifest import ManifestError, is_complete, read_manifest, write_manifest
 from merit_core.models import (
     ModelSourceError,
     convert_gguf,

@@ -16,7 +16,7 @@ import torch
 
 from merit_core.config import ModelConfig, load_config
 from merit_core.data import resolve_mixture
-from merit_core.manifest import read_manifest, verify_manifest
+from merit_core.store.manifest import read_manifest, verify_manifest
 from merit_core.models import find_packaged_gguf, load_model, model_sha256, resolve_model_source
 
 pytestmark = pytest.mark.smoke

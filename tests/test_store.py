@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from merit_core.config import StoreConfig
-from merit_core.manifest import MANIFEST_NAME, read_manifest
 from merit_core.store import (
     CorruptArtifactError,
     IncompleteArtifactError,
@@ -22,6 +21,7 @@ from merit_core.store import (
     open_store,
     safe_key,
 )
+from merit_core.store.manifest import MANIFEST_NAME, read_manifest
 
 
 def write_checkpoint(d: Path) -> dict[str, bytes]:
@@ -223,14 +223,10 @@ def test_store_module_does_not_import_prefect_or_boto3():
 
 
 def test_s3_repr_hides_credentials_and_endpoint_userinfo():
-    class Block:  # looks like a loaded Prefect AwsCredentials block
-        aws_access_key_id = "AKIAREPRLEAKCHECK0001"
-        aws_secret_access_key = "repr-secret-never-shown"
+    import boto3
 
-        def get_boto3_session(self):  # pragma: no cover - not called
-            raise AssertionError
-
-    s = S3Store("bkt", "pre", endpoint_url="http://user:pw-in-url@minio:9000", credentials=Block())
+    session = boto3.Session(aws_access_key_id="AKIAREPRLEAKCHECK0001", aws_secret_access_key="repr-secret-never-shown")
+    s = S3Store("bkt", "pre", endpoint_url="http://user:pw-in-url@minio:9000", session=session)
     for text in (repr(s), str(s), s.uri, s.uri_for("runs/x")):
         assert "AKIAREPRLEAKCHECK0001" not in text and "repr-secret" not in text and "pw-in-url" not in text
     assert "bkt" in repr(s) and "pre" in repr(s) and "minio:9000" in repr(s)
@@ -241,4 +237,4 @@ def test_s3_store_pickles_without_its_client(tmp_path):
 
     s = S3Store("bkt", "pre", endpoint_url="http://127.0.0.1:1", cache_dir=tmp_path)
     t = pickle.loads(pickle.dumps(s))
-    assert repr(t) == repr(s) and t._client is None
+    assert repr(t) == repr(s) and t.transport._client is None

@@ -5,9 +5,11 @@ answers, and credentials leaking into logs or files."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import pickle
 import signal
 import socket
 import subprocess
@@ -22,7 +24,6 @@ import boto3
 import pytest
 
 from merit_core.config import StoreConfig
-from merit_core.manifest import MANIFEST_NAME
 from merit_core.store import (
     CorruptArtifactError,
     IncompleteArtifactError,
@@ -31,7 +32,9 @@ from merit_core.store import (
     StoreError,
     TransferSettings,
     open_store,
+    set_session_provider,
 )
+from merit_core.store.manifest import MANIFEST_NAME
 
 ACCESS_KEY = "AKIAMERITTESTLEAK4242"
 SECRET_KEY = "merit-test-secret-DO-NOT-LEAK-7f3a9c"
@@ -428,15 +431,29 @@ class _FakePrefectClient:
         return _FakeDoc(self.docs[name])
 
 
-def _authorization_headers(store: S3Store) -> list[str]:
-    seen: list[str] = []
-    store.client.meta.events.register(
-        "before-send.s3.*", lambda request, **_: seen.append(str(request.headers.get("Authorization", "")))
-    )
-    return seen
+@pytest.fixture()
+def prefect_blocks():
+    """tasks.credentials registered as the store's session provider (what importing the
+    tasks package does); the provider registered before is restored afterwards."""
+    import tasks.credentials
+
+    previous = set_session_provider(tasks.credentials.session_from_block)
+    yield tasks.credentials
+    set_session_provider(previous)
 
 
-def test_prefect_block_credentials_without_prefect_aws(monkeypatch, endpoint, bucket, tmp_path, caplog):
+@pytest.fixture()
+def no_provider():
+    """No session provider registered (merit_core without the Prefect layer)."""
+    previous = set_session_provider(None)
+    yield
+    set_session_provider(previous)
+
+
+@pytest.fixture()
+def fake_blocks(monkeypatch):
+    """The Prefect API client answers with two AwsCredentials block documents; prefect-aws
+    is not installed; the environment holds no AWS keys."""
     import prefect.client.orchestration as orchestration
 
     monkeypatch.setitem(sys.modules, "prefect_aws", None)  # prefect-aws not installed
@@ -451,6 +468,18 @@ def test_prefect_block_credentials_without_prefect_aws(monkeypatch, endpoint, bu
             "assumes-role": {"assume_role_arn": "arn:aws:iam::123456789012:role/x"},
         },
     )
+
+
+def _authorization_headers(store: S3Store) -> list[str]:
+    seen: list[str] = []
+    store.client.meta.events.register(
+        "before-send.s3.*", lambda request, **_: seen.append(str(request.headers.get("Authorization", "")))
+    )
+    return seen
+
+
+def test_prefect_block_credentials_without_prefect_aws(prefect_blocks, fake_blocks, endpoint, bucket, tmp_path,
+                                                      caplog):
     caplog.set_level(logging.DEBUG, logger="merit_core")
 
     def cfg(block):
@@ -470,7 +499,7 @@ def test_prefect_block_credentials_without_prefect_aws(monkeypatch, endpoint, bu
         open_store(cfg("assumes-role"), cache_dir=tmp_path / "cache").exists("runs/r/x.json")
 
 
-def test_prefect_block_credentials_with_prefect_aws(monkeypatch, endpoint, bucket, tmp_path):
+def test_prefect_block_credentials_with_prefect_aws(prefect_blocks, monkeypatch, endpoint, bucket, tmp_path):
     loaded = []
 
     class AwsCredentials:
@@ -492,3 +521,142 @@ def test_prefect_block_credentials_with_prefect_aws(monkeypatch, endpoint, bucke
     auth = _authorization_headers(store)
     assert not store.exists("runs/none.json")
     assert loaded == ["merit-s3"] and auth and f"Credential={BLOCK_KEY}/" in auth[0]
+
+
+def test_block_resolved_by_tasks_credentials_is_handed_to_the_store(prefect_blocks, fake_blocks, no_provider,
+                                                                     endpoint, bucket, tmp_path):
+    session = prefect_blocks.session_from_block("merit-s3")  # the Prefect layer resolves the block ...
+    creds = session.get_credentials()
+    assert (creds.access_key, creds.secret_key, session.region_name) == (BLOCK_KEY, BLOCK_SECRET, "us-east-1")
+    cfg = StoreConfig(uri=f"s3://{bucket}/p", endpoint_url=endpoint, addressing_style="path", credentials_block="merit-s3")
+    store = open_store(cfg, session=session, cache_dir=tmp_path / "cache")  # ... and hands the store a Session
+    auth = _authorization_headers(store)
+    store.put_json("runs/r/x.json", {"a": 1})
+    assert store.get_json("runs/r/x.json") == {"a": 1}
+    assert len(auth) == 2 and all(f"Credential={BLOCK_KEY}/" in a for a in auth)
+    with pytest.raises(StoreError, match="aws-credentials/missing not found"):
+        prefect_blocks.session_from_block("missing")
+    with pytest.raises(StoreError, match="assume_role_arn.*prefect-aws"):
+        prefect_blocks.session_from_block("assumes-role")
+
+
+def test_credentials_block_without_a_provider_is_a_clear_error(no_provider, endpoint, bucket, tmp_path):
+    cfg = StoreConfig(uri=f"s3://{bucket}/p", endpoint_url=endpoint, addressing_style="path", credentials_block="merit-s3")
+    store = open_store(cfg, cache_dir=tmp_path / "cache")  # nothing is resolved yet
+    with pytest.raises(StoreError, match=r"credentials_block='merit-s3'.*only be resolved where the Prefect layer"):
+        store.exists("runs/r/x.json")
+
+
+def test_a_session_handed_in_is_not_pickled(make_store, endpoint):
+    session = boto3.Session(aws_access_key_id=BLOCK_KEY, aws_secret_access_key=BLOCK_SECRET, region_name="us-east-1")
+    store = make_store(session=session)
+    assert store.exists("runs/none.json") is False  # usable in this process
+    blob = pickle.dumps(store)
+    assert BLOCK_KEY.encode() not in blob and BLOCK_SECRET.encode() not in blob
+    with pytest.raises(StoreError, match="not pickled"):
+        pickle.loads(blob).exists("runs/none.json")  # a copy elsewhere refuses to guess credentials
+
+
+def block_session(name: str) -> boto3.Session:
+    """A session provider at module level (pickled by name into the child process)."""
+    assert name == "merit-s3", name
+    return boto3.Session(aws_access_key_id=BLOCK_KEY, aws_secret_access_key=BLOCK_SECRET, region_name="us-east-1")
+
+
+# A fresh interpreter in which any `import prefect` (or prefect_aws) raises ImportError.
+NO_PREFECT = textwrap.dedent(
+    """
+    import importlib.abc, sys
+
+    class NoPrefect(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("prefect", "prefect_aws"):
+                raise ImportError(f"{name} is blocked in this test")
+            return None
+
+    sys.meta_path.insert(0, NoPrefect())
+    """
+)
+
+UNPICKLE_AND_USE = NO_PREFECT + textwrap.dedent(
+    """
+    import pickle
+    store = pickle.loads(sys.stdin.buffer.read())
+    seen = []
+    store.client.meta.events.register(
+        "before-send.s3.*", lambda request, **_: seen.append(str(request.headers.get("Authorization", ""))))
+    store.put_json("runs/r/child.json", {"from": "child"})
+    print(store.get_json("runs/r/child.json")["from"], all("Credential=%s/" % sys.argv[1] in a for a in seen),
+          len(seen), "prefect" in sys.modules)
+    """
+)
+
+
+def test_pickled_store_gets_its_block_session_in_another_process(no_provider, endpoint, bucket, tmp_path):
+    set_session_provider(block_session)  # restored by no_provider
+    cfg = StoreConfig(uri=f"s3://{bucket}/p", endpoint_url=endpoint, addressing_style="path", credentials_block="merit-s3")
+    store = open_store(cfg, cache_dir=tmp_path / "cache")
+    blob = pickle.dumps(store)
+    assert BLOCK_KEY.encode() not in blob and BLOCK_SECRET.encode() not in blob
+    env = {k: v for k, v in os.environ.items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    proc = subprocess.run([sys.executable, "-c", UNPICKLE_AND_USE, BLOCK_KEY], input=blob, capture_output=True,
+                          env=env, cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stdout.decode().split() == ["child", "True", "2", "False"]
+    raw = raw_client(endpoint).get_object(Bucket=bucket, Key="p/runs/r/child.json")["Body"].read()
+    assert json.loads(raw) == {"from": "child"}
+
+
+ROUND_TRIP_WITHOUT_PREFECT = NO_PREFECT + textwrap.dedent(
+    """
+    import importlib, json, pkgutil
+    from pathlib import Path
+    import merit_core.store
+    for m in pkgutil.iter_modules(merit_core.store.__path__):
+        importlib.import_module("merit_core.store." + m.name)
+    from merit_core.config import StoreConfig
+    from merit_core.store import open_store
+
+    try:
+        import prefect  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        raise SystemExit("the prefect blocker did not work")
+    endpoint, bucket, work = sys.argv[1:4]
+    cfg = StoreConfig(uri=f"s3://{bucket}/np", endpoint_url=endpoint, region="us-east-1", addressing_style="path")
+    store = open_store(cfg, cache_dir=Path(work) / "cache")
+    src = Path(work) / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "model.safetensors").write_bytes(bytes(range(256)) * 40)
+    (src / "sub" / "config.json").write_bytes(b'{"a": 1}')
+    store.commit_dir("runs/r/branches/0", src, {"tokens": 7})
+    got = store.fetch_dir("runs/r/branches/0")
+    store.put_json("runs/r/x.json", {"b": 2})
+    print(json.dumps({
+        "files": {p.relative_to(got).as_posix(): p.read_bytes().hex() for p in got.rglob("*") if p.is_file()},
+        "json": store.get_json("runs/r/x.json"),
+        "complete": store.list_complete("runs"),
+        "prefect_loaded": any(n.split(".")[0] == "prefect" for n in sys.modules),
+    }))
+    """
+)
+
+
+def test_store_and_s3_round_trip_in_a_process_without_prefect(endpoint, bucket, tmp_path):
+    proc = subprocess.run([sys.executable, "-c", ROUND_TRIP_WITHOUT_PREFECT, endpoint, bucket, str(tmp_path)],
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    weights = bytes(range(256)) * 40
+    manifest = json.loads(raw_client(endpoint).get_object(
+        Bucket=bucket, Key="np/runs/r/branches/0/manifest.json")["Body"].read())
+    assert manifest["files"]["model.safetensors"] == {"size": 10240, "sha256": hashlib.sha256(weights).hexdigest()}
+    assert manifest["metadata"] == {"tokens": 7}
+    assert out["files"] == {
+        "model.safetensors": weights.hex(),
+        "sub/config.json": b'{"a": 1}'.hex(),
+        MANIFEST_NAME: json.dumps(manifest, indent=2, sort_keys=True).encode().hex(),
+    }
+    assert out["json"] == {"b": 2} and out["complete"] == ["runs/r/branches/0"]
+    assert out["prefect_loaded"] is False

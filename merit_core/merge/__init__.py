@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from merit_core.manifest import MANIFEST_NAME, write_manifest
+from merit_core.store.manifest import MANIFEST_NAME, write_manifest
 from merit_core.merge import dare, task_arithmetic, ties, token_weighted, uniform
 from merit_core.merge.io import Checkpoint, MergeError, ShardWriter, TensorInfo, copy_side_files
 

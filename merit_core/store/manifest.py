@@ -56,6 +56,36 @@ def list_files(directory: str | os.PathLike) -> list[str]:
     return out
 
 
+def build_manifest(directory: str | os.PathLike, metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Hash every file of ``directory`` into a manifest dict, without writing it.
+
+    Args:
+        directory: an existing directory whose files are all written.
+        metadata: JSON-serialisable extra fields stored under ``"metadata"``.
+
+    Returns:
+        ``{"files": {rel_path: {"size": int (bytes), "sha256": str (hex)}}, "metadata": {...}}``,
+        one entry per file of :func:`list_files`.
+
+    Raises:
+        FileNotFoundError: if ``directory`` does not exist.
+    """
+    root = Path(directory)
+    if not root.is_dir():
+        raise FileNotFoundError(f"build_manifest: no directory {root}")
+    files = {
+        rel: {"size": (root / rel).stat().st_size, "sha256": sha256_file(root / rel)}
+        for rel in list_files(root)
+    }
+    return {"files": files, "metadata": metadata or {}}
+
+
+def manifest_bytes(manifest: dict[str, Any]) -> bytes:
+    """The exact bytes of ``manifest.json`` for a manifest dict (indented JSON, sorted
+    keys, ASCII): what :func:`write_manifest` writes and the S3 store uploads."""
+    return json.dumps(manifest, indent=2, sort_keys=True).encode()
+
+
 def write_manifest(directory: str | os.PathLike, metadata: dict[str, Any] | None = None) -> dict[str, Any]:
     """Hash every file of ``directory`` and write ``manifest.json`` last, atomically.
 
@@ -64,8 +94,7 @@ def write_manifest(directory: str | os.PathLike, metadata: dict[str, Any] | None
         metadata: JSON-serialisable extra fields stored under ``"metadata"``.
 
     Returns:
-        The manifest as a dict: ``{"files": {rel_path: {"size": int, "sha256": str}},
-        "metadata": {...}}``.
+        The manifest as a dict (see :func:`build_manifest`).
 
     Raises:
         FileNotFoundError: if ``directory`` does not exist.
@@ -73,13 +102,9 @@ def write_manifest(directory: str | os.PathLike, metadata: dict[str, Any] | None
     root = Path(directory)
     if not root.is_dir():
         raise FileNotFoundError(f"write_manifest: no directory {root}")
-    files = {
-        rel: {"size": (root / rel).stat().st_size, "sha256": sha256_file(root / rel)}
-        for rel in list_files(root)
-    }
-    manifest = {"files": files, "metadata": metadata or {}}
+    manifest = build_manifest(root, metadata)
     tmp = root / (MANIFEST_NAME + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    tmp.write_bytes(manifest_bytes(manifest))
     os.replace(tmp, root / MANIFEST_NAME)
     return manifest
 

@@ -1,0 +1,21 @@
+"""The store's errors: one base class, :class:`StoreError`, whose message names the
+store location, key and reason; subclasses say what a caller may want to handle."""
+
+from __future__ import annotations
+
+
+class StoreError(RuntimeError):
+    """A store operation failed; the message names the store location, key and reason."""
+
+
+class ObjectNotFoundError(StoreError):
+    """The object or directory artifact does not exist in the store."""
+
+
+class IncompleteArtifactError(ObjectNotFoundError):
+    """A directory artifact has no manifest.json: never committed, or its upload was
+    interrupted. Readers must treat it as missing."""
+
+
+class CorruptArtifactError(StoreError):
+    """A file of a committed artifact disagrees with its manifest (size or sha256)."""
