@@ -12,6 +12,7 @@ METRICS: tuple[str, ...] = ("loss", "exact_match", "mc_accuracy", "mc_accuracy_n
 """Metric fields of an :class:`EvalRow`, in table order."""
 
 MEAN_ROW = "mean"
+"""``source`` of the mean row of an :class:`EvalTable`."""
 
 
 class EvalRow(BaseModel):
