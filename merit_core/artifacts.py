@@ -74,16 +74,25 @@ class ConflictReport(BaseModel):
 
 
 class Partition(BaseModel):
-    """A split of the sources into K groups (spec step 3), with the PCA representation."""
+    """A partition of the mixture's sources into K groups, one training branch per group
+    (spec steps 2–3), with the PCA representation it was cut along.
 
-    method: str
-    groups: list[list[str]]
-    weights: dict[str, float]
-    scores: list[list[float]] | None = None
-    explained_variance_ratio: list[float] | None = None
+    The one partition type that stages exchange and runs store; made from the maths'
+    index-based result by :meth:`merit_core.split.SplitResult.partition`.
+    """
+
+    method: str = Field(description="'pca' (MERIT), or the baselines 'random' and 'kmeans'.")
+    groups: list[list[str]] = Field(description="K groups of source names; group k trains branch k.")
+    weights: dict[str, float] = Field(
+        description="Source name -> size the groups were balanced by (examples or loss tokens, split.balance), "
+        "in the conflict matrix's source order.")
+    scores: list[list[float]] | None = Field(
+        None, description="(T, r) PCA scores, rows in the order of `weights`; None for random.")
+    explained_variance_ratio: list[float] | None = Field(None, description="(r,) of the PCs behind `scores`.")
 
     @property
     def k(self) -> int:
+        """Number of groups K."""
         return len(self.groups)
 
 

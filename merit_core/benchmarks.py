@@ -123,14 +123,10 @@ def evaluate_benchmarks(model, tokenizer, suite: Mapping[str, Sequence[Tokenized
     import torch
 
     from merit_core.precision import bf16_autocast
-    from merit_core.evaluate import (
-        EvalRow,
-        EvalTable,
-        _device,
-        _pad_id,
-        _source_mc,
-        evaluate_model,
-    )
+    from merit_core.evaluate import EvalRow, EvalTable, evaluate_model
+    from merit_core.evaluate import model_device as _device
+    from merit_core.evaluate import multiple_choice_accuracy as _source_mc
+    from merit_core.evaluate import pad_token_id as _pad_id
 
     mc = {n: list(ex) for n, ex in suite.items() if ex and all(_has_options(e) for e in ex)}
     short = {n: ex for n, ex in suite.items() if n not in mc}

@@ -401,9 +401,3 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
             lines.append(f"  {loc}: {err['msg']}")
         raise ConfigError(f"{where}: invalid config\n" + "\n".join(lines)) from None
 
-
-def config_hash(obj: BaseModel) -> str:
-    """Short sha256 of a config section's canonical JSON (for cache keys)."""
-    import hashlib
-
-    return hashlib.sha256(obj.model_dump_json().encode()).hexdigest()[:16]

@@ -13,7 +13,6 @@ from merit_core.data.types import IGNORE_INDEX, Example, TokenizedExample
 from merit_core.evaluate import (
     EvalRow,
     EvalTable,
-    compare,
     evaluate_dir,
     evaluate_model,
     exact_match,
@@ -263,32 +262,6 @@ def test_mean_row_is_mean_of_rows():
     assert t.metrics() == ["loss", "exact_match", "mc_accuracy"]
     md = t.to_markdown()
     assert md.count("\n") == 1 + 3 + 1 and "mc_accuracy_norm" not in md and "| – |" in md
-    d = t.to_dict()
-    assert d == t.model_dump() and EvalTable.model_validate(d) == t
+    d = t.model_dump()
+    assert EvalTable.model_validate(d) == t
     assert math.isclose(d["mean"]["loss"], 2.5)
-
-
-def test_compare_lists_every_model_and_source():
-    tables = {
-        "base": table("base", [("a", 3, 1.0, 0.5, None), ("b", 5, 2.0, 0.0, 0.25)]),
-        "joint": table("joint", [("a", 3, 0.5, 0.5, None), ("b", 5, 1.0, 0.5, 0.5)]),
-        "merit": table("merit", [("a", 3, 0.7, 1.0, None), ("c", 2, 3.0, 0.0, None)]),
-        "random": table("random", [("b", 5, 1.5, 0.0, 0.0)]),
-    }
-    md = compare(tables)
-    lines = md.splitlines()
-    header = lines[0]
-    for metric in ("loss", "exact_match", "mc_accuracy"):
-        for model in tables:
-            assert f"{metric} {model}" in header
-    assert "mc_accuracy_norm" not in header
-    sources = [line.split("|")[1].strip() for line in lines[2:]]
-    assert sources == ["a", "b", "c", "**mean**"]
-    assert all(line.count("|") == header.count("|") for line in lines)
-    row_b = lines[3].split("|")[1:-1]
-    assert row_b[1 + 0].strip() == "2.0000" and row_b[1 + 2].strip() == "–"  # loss base, loss merit
-    assert "loss base" in compare(tables, metrics=["loss"]) and "exact_match" not in compare(tables, metrics=["loss"])
-    with pytest.raises(ValueError):
-        compare({})
-    with pytest.raises(ValueError, match="unknown"):
-        compare(tables, metrics=["bleu"])

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from merit_core.artifacts import Partition
 from merit_core.config import SplitConfig
 from merit_core.split import SplitResult, kmeans_split, pca_split, random_split, split_sources
 
@@ -265,20 +266,26 @@ def test_kmeans_split_errors():
 # --------------------------------------------------------------------------- result / dispatch
 
 
-def test_split_result_named_and_dict_roundtrip():
+def test_split_result_partition_names_sources_and_keeps_the_json():
     c = random_cosine(np.random.default_rng(2), 6)
-    res = pca_split(c, np.ones(6), 1)
+    w = np.array([3.0, 1.0, 2.0, 5.0, 4.0, 6.0])
+    res = pca_split(c, w, 1)
     names = [f"src{i}" for i in range(6)]
-    assert res.named(names) == [[f"src{i}" for i in g] for g in res.groups]
+    p = res.partition(names)
+    assert isinstance(p, Partition) and p.k == res.k == 2
+    # the stored JSON: exactly these keys and values (stored runs and reports read it)
+    assert json.loads(p.model_dump_json()) == {
+        "method": "pca",
+        "groups": [[f"src{i}" for i in g] for g in res.groups],
+        "weights": {f"src{i}": float(w[i]) for i in range(6)},
+        "scores": [[float(x) for x in row] for row in res.scores],
+        "explained_variance_ratio": [float(x) for x in res.explained_variance_ratio],
+    }
+    assert list(p.weights) == names
+    assert Partition.model_validate_json(p.model_dump_json()) == p
+    assert random_split(w, 2, 0).partition(names).scores is None
     with pytest.raises(ValueError, match="got 5 names for 6 sources"):
-        res.named(names[:5])
-    d = json.loads(json.dumps(res.to_dict()))
-    back = SplitResult.from_dict(d)
-    assert back.groups == res.groups and back.method == "pca" and back.params == res.params
-    np.testing.assert_allclose(back.scores, res.scores)
-    np.testing.assert_allclose(back.explained_variance_ratio, res.explained_variance_ratio)
-    labels = res.labels()
-    assert all(labels[i] == k for k, g in enumerate(res.groups) for i in g)
+        res.partition(names[:5])
 
 
 def test_split_sources_dispatch():

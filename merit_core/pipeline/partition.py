@@ -24,13 +24,4 @@ def partition_sources(cfg: MeritConfig, report: ConflictReport, mixture: Mixture
         w = {n: float(mixture.get(n).loss_tokens) for n in names}
     else:
         w = {n: float(mixture.get(n).train) for n in names}
-    res = split_sources(np.asarray(report.matrix), np.asarray([w[n] for n in names]), scfg)
-    return Partition(
-        method=res.method,
-        groups=res.named(names),
-        weights=w,
-        scores=None if res.scores is None else np.asarray(res.scores).tolist(),
-        explained_variance_ratio=None
-        if res.explained_variance_ratio is None
-        else np.asarray(res.explained_variance_ratio).tolist(),
-    )
+    return split_sources(np.asarray(report.matrix), np.asarray([w[n] for n in names]), scfg).partition(names)
