@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -238,10 +237,9 @@ def train_branch(cfg: MeritConfig, base: ModelRef, mixture: MixtureManifest, sou
     newest complete one and resumes from it. Once θ_k is committed they are deleted.
     ``after_checkpoint`` is called with each local checkpoint dir once it is in the store
     (in-process branches only). With ``train.nproc_per_node`` > 1 the branch trains on
-    that many processes under torchrun (:mod:`merit_core.launch`).
+    that many processes under torch's elastic launcher (:mod:`merit_core.train.launch`).
     """
-    from merit_core.launch import resolve_nproc, run_distributed_branch
-    from merit_core.train import check_train_setup
+    from merit_core.train import check_train_setup, resolve_nproc, run_distributed_branch
     from merit_core.train import train_branch as _train
 
     store = store_for(cfg)
@@ -271,22 +269,15 @@ def train_branch(cfg: MeritConfig, base: ModelRef, mixture: MixtureManifest, sou
     check_train_setup(cfg.train, nproc)
     if nproc > 1 or cfg.train.deepspeed:  # torchrun (DDP / DeepSpeed ZeRO, which needs its env even on 1 GPU)
         write_examples(work / "examples.jsonl", examples)
-        res = run_distributed_branch(
-            {"config": cfg.model_dump(mode="json"), "base_dir": str(base_dir),
-             "examples": str(work / "examples.jsonl"), "output_dir": str(out), "checkpoint_dir": str(ckpt_dir),
-             "checkpoint_prefix": ckpt_prefix, "dtype": cfg.model.dtype},
-            work, nproc)
+        stats = run_distributed_branch(base_dir, work / "examples.jsonl", out, cfg.train, nproc=nproc,
+                                       checkpoint_dir=ckpt_dir, dtype=cfg.model.dtype, store=store,
+                                       checkpoint_prefix=ckpt_prefix)
     else:
-        res = _train(base_dir, examples, out, cfg.train, checkpoint_dir=ckpt_dir,
-                     dtype=cfg.model.dtype, on_checkpoint=upload)
-    ref = BranchCheckpoint(
-        index=index, label=label, key=key, uri=store.uri_for(key), sources=sorted(sources),
-        trained_tokens=res.trained_tokens, examples=res.examples, steps=res.steps,
-        train_loss=res.train_loss, wall_s=res.wall_s, resumed_from_step=res.resumed_from_step,
-        processes=res.processes, packed=res.packed,
-        real_token_fraction=None if math.isnan(res.real_token_fraction) else res.real_token_fraction,
-    )
-    store.commit_dir(key, Path(res.output_dir), metadata={"kind": "branch", "branch": ref.model_dump()})
+        stats = _train(base_dir, examples, out, cfg.train, checkpoint_dir=ckpt_dir,
+                       dtype=cfg.model.dtype, on_checkpoint=upload)
+    ref = BranchCheckpoint(index=index, label=label, key=key, uri=store.uri_for(key), sources=sorted(sources),
+                           **stats.model_dump())
+    store.commit_dir(key, out, metadata={"kind": "branch", "branch": ref.model_dump()})
     store.delete_prefix(ckpt_prefix)
     shutil.rmtree(work, ignore_errors=True)
     logger.info("branch %s/%d: %d sources, %d examples, %d steps, N_k = %d tokens, train loss %.3f, %.1f s, "

@@ -1,33 +1,49 @@
-"""One branch on several processes (GPUs): launch :func:`merit_core.train.train_branch`
-under ``torchrun`` (``torch.distributed.run``) and collect its result.
+"""One branch on several processes (GPUs): :func:`merit_core.train.train_branch` on every
+rank of a torch elastic launch (what ``torchrun --standalone`` runs), rank 0's result
+returned to the caller.
 
 The MERIT branches never talk to each other; inside one branch, data parallelism (DDP,
 or DeepSpeed ZeRO when ``train.deepspeed`` is set) spreads the branch over the GPUs of
-its worker. :func:`run_distributed_branch` writes a small job spec, starts
-``python -m torch.distributed.run --standalone --nproc_per_node N -m merit_core.launch
-SPEC`` and waits; every rank runs :func:`main`, rank 0 uploads checkpoints to the store
-as the Trainer writes them and writes ``result.json``. The parent reads that file, not
-the processes' output.
+its worker. :func:`run_distributed_branch` starts the ranks with
+``torch.distributed.launcher.api.elastic_launch``, which hands each rank's return value
+back to the parent: every rank runs :func:`train_rank`, rank 0 uploads checkpoints to
+the store as the Trainer writes them. The ranks write to the parent's stdout/stderr.
 """
 
 from __future__ import annotations
 
-import collections
-import json
 import logging
 import os
-import subprocess
-import sys
+import tempfile
+import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
+import torch.distributed as dist
+from pydantic import BaseModel
+from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-from merit_core.train import BranchResult, TrainError, TrainSetupError
+from merit_core.artifacts import TrainStats, read_examples
+from merit_core.config import TrainConfig
+from merit_core.train.checks import TrainError, TrainSetupError
+from merit_core.train.trainer import train_branch
+
+if TYPE_CHECKING:
+    from merit_core.store import ArtifactStore
 
 logger = logging.getLogger(__name__)
 
-RESULT_FILE = "result.json"
+
+class RankSetupFailure(BaseModel):
+    """A rank refused the branch's settings (a :class:`TrainSetupError`) before training:
+    what :func:`train_rank` returns instead of raising, so that the parent raises the
+    same error type without parsing any output."""
+
+    rank: int
+    message: str
 
 
 def resolve_nproc(value: int | str) -> int:
@@ -38,94 +54,91 @@ def resolve_nproc(value: int | str) -> int:
     return int(value)
 
 
-def run_distributed_branch(spec: dict[str, Any], work_dir: str | os.PathLike, nproc: int,
-                           env: dict[str, str] | None = None, tail_lines: int = 60) -> BranchResult:
-    """Train one branch on ``nproc`` processes with torchrun and return rank 0's result.
+def run_distributed_branch(base_dir: str | os.PathLike, examples: str | os.PathLike, output_dir: str | os.PathLike,
+                           cfg: TrainConfig, *, nproc: int, checkpoint_dir: str | os.PathLike, dtype: str = "float32",
+                           store: ArtifactStore | None = None, checkpoint_prefix: str | None = None) -> TrainStats:
+    """Train one branch on ``nproc`` local processes and return rank 0's stats.
 
     Args:
-        spec: JSON-able job: ``config`` (MeritConfig dump), ``base_dir``, ``examples``
-            (JSON Lines of TokenizedExample, :func:`merit_core.artifacts.write_examples`),
-            ``output_dir``, ``checkpoint_dir``, ``checkpoint_prefix`` (store key under
-            which rank 0 commits each checkpoint, or None), ``dtype``.
-        work_dir: holds ``spec.json`` and rank 0's ``result.json``.
-        nproc: processes on this node (``--nproc_per_node``), ≥ 2.
-        env: extra environment for the processes (e.g. ``OMP_NUM_THREADS``).
-        tail_lines: lines of the processes' output kept for the error message.
+        base_dir: HF directory of θ(0).
+        examples: JSON Lines of the branch's TokenizedExamples
+            (:func:`merit_core.artifacts.write_examples`); every rank reads it.
+        output_dir: where rank 0 writes θ_k (HF directory).
+        cfg: the branch hyper-parameters.
+        nproc: processes on this node (``nproc_per_node``), ≥ 1 (1 for DeepSpeed on one GPU).
+        checkpoint_dir: local ``checkpoint-<step>`` dirs (resumed from when present).
+        dtype: weights dtype for training.
+        store, checkpoint_prefix: rank 0 commits each checkpoint to
+            ``<checkpoint_prefix>/checkpoint-<step>`` of ``store`` (pickled to the
+            ranks); both or neither.
+
+    Without ``OMP_NUM_THREADS`` in the environment each rank of a multi-process branch
+    uses one intra-op thread (torchrun's default) unless ``cfg.threads`` says otherwise.
+    The ranks are started with multiprocessing's ``spawn``: they re-import the caller's
+    main module, which must therefore be a file or module guarded by
+    ``if __name__ == "__main__"`` (the ``merit`` command, Prefect's engine and pytest are).
 
     Returns:
-        The :class:`BranchResult` rank 0 wrote.
+        The :class:`TrainStats` of rank 0.
 
     Raises:
-        TrainError: torchrun exited non-zero (message: exit code and the last lines
-            of output) or rank 0 wrote no result.
+        TrainSetupError: a rank refused the settings (e.g. DeepSpeed without CUDA, no
+            examples).
+        TrainError: a rank failed (message: the failing rank, its exit code and the
+            root-cause exception with its traceback).
+        ValueError: ``nproc`` < 1, or only one of ``store`` and ``checkpoint_prefix``.
     """
-    work = Path(work_dir)
-    work.mkdir(parents=True, exist_ok=True)
-    result_path = work / RESULT_FILE
-    result_path.unlink(missing_ok=True)
-    spec_path = work / "spec.json"
-    spec_path.write_text(json.dumps({**spec, "result": str(result_path)}))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={int(nproc)}",
-           "-m", "merit_core.launch", str(spec_path)]
-    logger.info("launching branch on %d processes: %s", nproc, " ".join(cmd))
-    tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, **(env or {})})
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        line = line.rstrip("\n")
-        tail.append(line)
-        logger.info("[torchrun] %s", line)
-    rc = proc.wait()
-    if rc != 0:
-        error = TrainSetupError if any("TrainSetupError" in line for line in tail) else TrainError
-        raise error(f"distributed branch ({nproc} processes) failed with exit code {rc}; last output:\n"
-                         + "\n".join(tail))
-    if not result_path.is_file():
-        raise TrainError(f"distributed branch finished but rank 0 wrote no {result_path}")
-    return BranchResult(**json.loads(result_path.read_text()))
+    if nproc < 1:
+        raise ValueError(f"run_distributed_branch: nproc must be ≥ 1, got {nproc}")
+    if (store is None) != (checkpoint_prefix is None):
+        raise ValueError("run_distributed_branch: give both store and checkpoint_prefix, or neither")
+    logger.info("launching branch on %d processes (torch elastic launch, output %s)", nproc, output_dir)
+    with tempfile.TemporaryDirectory(prefix="merit-launch-") as logs:  # the ranks' error files
+        config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=uuid.uuid4().hex,
+                              rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
+                              logs_specs=DefaultLogsSpecs(log_dir=logs))
+        try:
+            results = elastic_launch(config, train_rank)(
+                cfg, str(base_dir), str(examples), str(output_dir), str(checkpoint_dir), dtype, store,
+                checkpoint_prefix)
+        except ChildFailedError as err:
+            raise TrainError(f"distributed branch ({nproc} processes) failed:\n{err}") from err
+    refused = [r for r in results.values() if isinstance(r, RankSetupFailure)]
+    if refused:
+        raise TrainSetupError(refused[0].message)
+    return results[0]
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of each rank: ``python -m merit_core.launch SPEC`` (under torchrun)."""
-    from merit_core.artifacts import read_examples
-    from merit_core.config import MeritConfig
-    from merit_core.stages import store_for
-    from merit_core.train import train_branch
+def train_rank(cfg: TrainConfig, base_dir: str, examples: str, output_dir: str, checkpoint_dir: str, dtype: str,
+               store: ArtifactStore | None, checkpoint_prefix: str | None) -> TrainStats | RankSetupFailure:
+    """What every rank of :func:`run_distributed_branch` runs (``RANK``, ``WORLD_SIZE``
+    and the rendezvous are set by the elastic agent); arguments as there.
 
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: python -m merit_core.launch SPEC.json (run by torchrun)", file=sys.stderr)
-        return 2
-    spec = json.loads(Path(argv[0]).read_text())
-    cfg = MeritConfig.model_validate(spec["config"])
-    rank = int(os.environ.get("RANK", "0"))
+    Returns:
+        This rank's :class:`TrainStats`, or a :class:`RankSetupFailure` naming the
+        refused setting. Other errors propagate (the launcher records them).
+    """
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
+    if world > 1 and "OMP_NUM_THREADS" not in os.environ:  # torchrun's default: no oversubscribed cores
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
     upload = None
-    prefix = spec.get("checkpoint_prefix")
-    if rank == 0 and prefix:
-        store = store_for(cfg)
+    if rank == 0 and store is not None:
 
         def upload(path: Path) -> None:
-            store.commit_dir(f"{prefix}/{path.name}", path, metadata={"kind": "train-checkpoint"})
+            store.commit_dir(f"{checkpoint_prefix}/{path.name}", path, metadata={"kind": "train-checkpoint"})
 
-    res = train_branch(spec["base_dir"], read_examples(spec["examples"]), spec["output_dir"], cfg.train,
-                       checkpoint_dir=spec["checkpoint_dir"], dtype=spec.get("dtype", "float32"),
-                       on_checkpoint=upload)
-    if rank == 0:
-        tmp = Path(spec["result"] + ".partial")
-        tmp.write_text(json.dumps(res.to_dict()))
-        os.replace(tmp, spec["result"])
+    try:
+        result: TrainStats | RankSetupFailure = train_branch(
+            base_dir, read_examples(examples), output_dir, cfg, checkpoint_dir=checkpoint_dir, dtype=dtype,
+            on_checkpoint=upload)
+    except TrainSetupError as err:
+        result = RankSetupFailure(rank=rank, message=str(err))
     # Leave together: a rank that exits while others still use the process group
     # aborts in the group's destructor ("terminate called without an active exception").
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return result
