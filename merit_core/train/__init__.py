@@ -4,7 +4,12 @@
 
 from merit_core.artifacts import TrainStats
 from merit_core.train.checks import TrainError, TrainSetupError, check_train_setup
-from merit_core.train.launch import RankSetupFailure, resolve_nproc, run_distributed_branch, train_rank
+from merit_core.train.launch import (
+    RankSetupFailure,
+    resolve_nproc,
+    run_distributed_branch,
+    train_rank,
+)
 from merit_core.train.trainer import (
     CHECKPOINT_PREFIX,
     newest_checkpoint,

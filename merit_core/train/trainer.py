@@ -100,18 +100,10 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def train_branch(
-    base_dir: str | os.PathLike,
-    examples: Sequence[TokenizedExample],
-    output_dir: str | os.PathLike,
-    cfg: TrainConfig,
-    *,
-    checkpoint_dir: str | os.PathLike | None = None,
-    resume: bool = True,
-    dtype: str = "float32",
-    on_checkpoint: Callable[[Path], None] | None = None,
-    callbacks: Sequence[object] = (),
-) -> TrainStats:
+def train_branch(base_dir: str | os.PathLike, examples: Sequence[TokenizedExample], output_dir: str | os.PathLike,
+                 cfg: TrainConfig, *, checkpoint_dir: str | os.PathLike | None = None, resume: bool = True,
+                 dtype: str = "float32", on_checkpoint: Callable[[Path], None] | None = None,
+                 callbacks: Sequence[object] = ()) -> TrainStats:
     """Fine-tune a copy of θ(0) on ``examples`` and save θ_k to ``output_dir``.
 
     Args:
@@ -150,48 +142,47 @@ def train_branch(
     output_dir = Path(output_dir)
     ckpt_root = Path(checkpoint_dir) if checkpoint_dir else output_dir.parent / f"{output_dir.name}-checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
-
-    tokenizer, model, packed = _load(base_dir, cfg, dtype)
-    use_cache = model.config.use_cache
-    model.config.use_cache = False  # see _load; restored before the model is saved
+    tokenizer, model, packed, use_cache = _load(base_dir, cfg, dtype)
     world = world_size()
     check_train_setup(cfg, world)
     collator = _collator(tokenizer, cfg, packed)
-    trainer = Trainer(model=model, args=_training_arguments(cfg, ckpt_root, world), train_dataset=_ListDataset(examples),
-                      data_collator=collator, callbacks=[*callbacks, *_upload_callbacks(on_checkpoint)])
-    resume_from = newest_checkpoint(ckpt_root) if resume else None
-    resumed_step = int(resume_from.name[len(CHECKPOINT_PREFIX):]) if resume_from else 0
-    if resume_from:
-        logger.info("resuming branch from %s (step %d)", resume_from, resumed_step)
+    trainer = Trainer(model=model, args=_training_arguments(cfg, ckpt_root, world),
+                      train_dataset=_ListDataset(examples), data_collator=collator,
+                      callbacks=[*callbacks, *_upload_callbacks(on_checkpoint)])
+    resume_from, resumed_step = _resume_point(ckpt_root) if resume else (None, 0)
     t0 = time.perf_counter()
     out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     wall = time.perf_counter() - t0
-
-    model.config.use_cache = use_cache
+    model.config.use_cache = use_cache  # switched off for training by _load
     _save(trainer, tokenizer, output_dir)
     real = collator.real_token_fraction
-    return TrainStats(
-        trained_tokens=trained_token_count(examples, cfg),
-        examples=len(examples),
-        steps=int(trainer.state.global_step),
-        train_loss=float(out.training_loss) if out.training_loss is not None else math.nan,
-        wall_s=wall,
-        resumed_from_step=resumed_step,
-        processes=world,
-        packed=packed,
-        real_token_fraction=None if math.isnan(real) else real,
-    )
+    return TrainStats(trained_tokens=trained_token_count(examples, cfg), examples=len(examples),
+                      steps=int(trainer.state.global_step), wall_s=wall, resumed_from_step=resumed_step,
+                      train_loss=float(out.training_loss) if out.training_loss is not None else math.nan,
+                      processes=world, packed=packed, real_token_fraction=None if math.isnan(real) else real)
+
+
+def _resume_point(ckpt_root: Path) -> tuple[Path | None, int]:
+    """The newest complete checkpoint under ``ckpt_root`` and its step, or (None, 0)."""
+    resume_from = newest_checkpoint(ckpt_root)
+    if resume_from is None:
+        return None, 0
+    step = int(resume_from.name[len(CHECKPOINT_PREFIX):])
+    logger.info("resuming branch from %s (step %d)", resume_from, step)
+    return resume_from, step
 
 
 def _load(base_dir: str | os.PathLike, cfg: TrainConfig, dtype: str) -> tuple:
-    """θ(0) and its tokenizer (pad token = EOS when it has none), and whether the
-    branch trains packed (``cfg.packing`` and the model keeps packed examples apart)."""
+    """θ(0) with its KV cache switched off, its tokenizer (pad token = EOS when it has
+    none), whether the branch trains packed (``cfg.packing`` and the model keeps packed
+    examples apart), and the model's own ``use_cache`` (restored before saving)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=_DTYPES[dtype], trust_remote_code=False)
+    use_cache = model.config.use_cache
     # Training needs no KV cache; without one transformers also reads packed examples'
     # boundaries from position_ids.
     model.config.use_cache = False
@@ -201,7 +192,7 @@ def _load(base_dir: str | os.PathLike, cfg: TrainConfig, dtype: str) -> tuple:
                        "attention mask); this branch trains on padded batches", type(model).__name__)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    return tokenizer, model, packed
+    return tokenizer, model, packed, use_cache
 
 
 def _training_arguments(cfg: TrainConfig, ckpt_root: Path, world: int):
