@@ -6,10 +6,9 @@ from prefect.runtime import flow_run
 
 from merit_core.artifacts import StageTiming
 from merit_core.config import MeritConfig, apply_overrides, load_config
-from merit_core.launch import resolve_nproc
 from merit_core.pipeline import layout
 from merit_core.pipeline.study import stage_timer as _stage_timer
-from merit_core.train import check_train_setup
+from merit_core.train import check_train_setup, resolve_nproc
 
 
 def resolve_config(config: MeritConfig, config_path: str | None, overrides: list[str] | None) -> MeritConfig:

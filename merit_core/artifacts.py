@@ -96,24 +96,31 @@ class Partition(BaseModel):
         return len(self.groups)
 
 
-class BranchCheckpoint(BaseModel):
-    """One finished branch θ_k: where it lives and N_k for the token-weighted merge."""
+class TrainStats(BaseModel):
+    """What one branch's training run reports (:func:`merit_core.train.train_branch`)."""
+
+    trained_tokens: int = Field(description="N_k: loss-bearing (response) tokens trained on, counted with "
+                                "multiplicity over epochs (the token-weighted merge weight).")
+    examples: int = Field(description="Training examples in the branch (one epoch).")
+    steps: int = Field(description="Optimizer steps taken.")
+    train_loss: float = Field(description="Mean training loss reported by the Trainer (nats/token; NaN if none).")
+    wall_s: float = Field(description="Wall time of training in seconds.")
+    resumed_from_step: int = Field(0, description="Step of the checkpoint the run resumed from (0 if none).")
+    processes: int = Field(1, description="Training processes (GPUs) of this branch (torchrun when > 1).")
+    packed: bool = Field(False, description="Trained on padding-free packed batches (train.packing).")
+    real_token_fraction: float | None = Field(
+        None, description="Example tokens / all trained positions (padding excluded), rank 0's batches.")
+
+
+class BranchCheckpoint(TrainStats):
+    """One finished branch θ_k: where it lives, its sources, and its :class:`TrainStats`
+    (N_k for the token-weighted merge)."""
 
     index: int
     label: str
     key: str
     uri: str
     sources: list[str]
-    trained_tokens: int
-    examples: int
-    steps: int
-    train_loss: float
-    wall_s: float
-    resumed_from_step: int = 0
-    processes: int = Field(1, description="Training processes (GPUs) of this branch (torchrun when > 1).")
-    packed: bool = Field(False, description="Trained on padding-free packed batches (train.packing).")
-    real_token_fraction: float | None = Field(
-        None, description="Example tokens / all trained positions (padding excluded), rank 0's batches.")
 
 
 class StageTiming(BaseModel):

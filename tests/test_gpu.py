@@ -70,9 +70,9 @@ def test_bf16_branch_training_on_cuda(tiny_model_dir, examples, tmp_path):
 
 
 def _zero_branch(stage: int, tiny_model_dir, examples, tmp_path, name: str):
-    """Train one branch with DeepSpeed ZeRO-<stage> on 1 GPU through torchrun (the
-    product's launcher); return (result, output dir, last checkpoint dir)."""
-    from merit_core.launch import run_distributed_branch
+    """Train one branch with DeepSpeed ZeRO-<stage> on 1 GPU through torch's elastic
+    launcher (the product's launcher); return (stats, output dir, last checkpoint dir)."""
+    from merit_core.train import run_distributed_branch
 
     cfg = MeritConfig.model_validate({"train": {
         "learning_rate": 1e-3, "batch_size": 4, "epochs": 1, "save_steps": 3, "logging_steps": 1, "bf16": True,
@@ -81,10 +81,8 @@ def _zero_branch(stage: int, tiny_model_dir, examples, tmp_path, name: str):
     work.mkdir(parents=True)
     write_examples(work / "examples.jsonl", examples)
     out, ck = work / "out", work / "ck"
-    res = run_distributed_branch({"config": cfg.model_dump(mode="json"), "base_dir": str(tiny_model_dir),
-                                  "examples": str(work / "examples.jsonl"), "output_dir": str(out),
-                                  "checkpoint_dir": str(ck), "checkpoint_prefix": None, "dtype": "float32"},
-                                 work, nproc=1)
+    res = run_distributed_branch(tiny_model_dir, work / "examples.jsonl", out, cfg.train, nproc=1,
+                                 checkpoint_dir=ck, dtype="float32")
     return res, out, ck / f"checkpoint-{res.steps}"
 
 

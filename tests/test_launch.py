@@ -1,20 +1,28 @@
-"""One branch on several processes: torchrun (gloo DDP on CPU here, NCCL/DeepSpeed on GPUs)
-launched by merit_core.launch, through the branch stage and its store."""
+"""One branch on several processes: torch's elastic launcher (gloo DDP on CPU here,
+NCCL/DeepSpeed on GPUs) started by merit_core.train.launch, through the branch stage and
+its store."""
 
 from __future__ import annotations
 
-import json
+import subprocess
+import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from merit_core.artifacts import TrainStats, write_examples
 from merit_core.pipeline.base import prepare_base
 from merit_core.pipeline.branches import train_branch
 from merit_core.pipeline.mixture import load_split, resolve_mixture
 from merit_core.store import open_store
-from merit_core.launch import resolve_nproc, run_distributed_branch
-from merit_core.train import TrainError
+from merit_core.train import (
+    TrainError,
+    TrainSetupError,
+    resolve_nproc,
+    run_distributed_branch,
+    trained_token_count,
+)
 from tests.test_flow import SOURCES, tiny_config
 
 
@@ -57,30 +65,48 @@ def test_rank0_uploads_checkpoints_to_the_store(prepared, tmp_path):
     examples = []
     for name in SOURCES[:2]:
         examples += load_split(store, mixture.get(name), "train")
-    from merit_core.artifacts import write_examples
-
     write_examples(tmp_path / "ex.jsonl", examples)
-    res = run_distributed_branch(
-        {"config": cfg.model_dump(mode="json"), "base_dir": str(store.fetch_dir(base.key)),
-         "examples": str(tmp_path / "ex.jsonl"), "output_dir": str(tmp_path / "out"),
-         "checkpoint_dir": str(tmp_path / "ck"), "checkpoint_prefix": "runs/x/ck", "dtype": "float32"},
-        tmp_path / "work", 2)
-    assert res.processes == 2 and res.steps >= 3
+    res = run_distributed_branch(store.fetch_dir(base.key), tmp_path / "ex.jsonl", tmp_path / "out", cfg.train,
+                                 nproc=2, checkpoint_dir=tmp_path / "ck", store=store, checkpoint_prefix="runs/x/ck")
+    assert isinstance(res, TrainStats)
+    assert res.processes == 2 and res.steps == -(-len(examples) // 4) >= 3
+    assert res.examples == len(examples)
+    assert res.trained_tokens == sum(sum(t != -100 for t in e.labels) for e in examples)
+    assert res.trained_tokens == trained_token_count(examples, cfg.train)
     complete = store.list_complete("runs/x/ck")
     assert complete and all("checkpoint-" in k for k in complete)
-    assert json.loads((tmp_path / "work" / "result.json").read_text())["steps"] == res.steps
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
-def test_failing_rank_raises_with_its_output(prepared, tmp_path):
+def test_failing_rank_raises_with_its_root_cause(prepared, tmp_path):
     cfg, _, _ = prepared
-    with pytest.raises(TrainError, match=r"exit code [1-9](.|\n)*none.jsonl"):
-        run_distributed_branch(
-            {"config": cfg.model_dump(mode="json"), "base_dir": str(tmp_path / "does-not-exist"),
-             "examples": str(tmp_path / "none.jsonl"), "output_dir": str(tmp_path / "out"),
-             "checkpoint_dir": str(tmp_path / "ck"), "checkpoint_prefix": None},
-            tmp_path / "work", 2)
+    with pytest.raises(TrainError, match=r"exitcode\s*:\s*[1-9](.|\n)*none\.jsonl") as err:
+        run_distributed_branch(tmp_path / "does-not-exist", tmp_path / "none.jsonl", tmp_path / "out", cfg.train,
+                               nproc=2, checkpoint_dir=tmp_path / "ck")
+    assert err.type is TrainError
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case", ["no examples", "batch not divisible"])
+def test_setup_error_in_the_ranks_reaches_the_parent_as_setup_error(prepared, tmp_path, case):
+    cfg, base, mixture = prepared
+    store = open_store(cfg.store)
+    examples = [] if case == "no examples" else load_split(store, mixture.get(SOURCES[0]), "train")
+    write_examples(tmp_path / "ex.jsonl", examples)
+    train = cfg.train.model_copy(update={"batch_size": 3})  # not divisible by the 2 processes
+    expected = "no training examples" if case == "no examples" else "batch_size=3 is not divisible by the 2"
+    with pytest.raises(TrainSetupError, match=expected):
+        run_distributed_branch(store.fetch_dir(base.key), tmp_path / "ex.jsonl", tmp_path / "out", train,
+                               nproc=2, checkpoint_dir=tmp_path / "ck")
+    assert not (tmp_path / "out").exists()
+
+
+def test_launcher_imports_no_pipeline_module():
+    code = ("import sys, merit_core.train.launch\n"
+            "bad = sorted(m for m in sys.modules if m == 'merit_core.pipeline' or m.startswith('merit_core.pipeline.'))\n"
+            "print(bad); sys.exit(1 if bad else 0)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
 
 
 def test_resolve_nproc():

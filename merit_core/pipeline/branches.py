@@ -5,7 +5,6 @@ finished branches back from the store."""
 from __future__ import annotations
 
 import logging
-import math
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -18,7 +17,6 @@ from merit_core.artifacts import (
 )
 from merit_core.config import MeritConfig
 from merit_core.data.types import TokenizedExample
-from merit_core.launch import resolve_nproc, run_distributed_branch
 from merit_core.pipeline.layout import (
     branch_checkpoints_prefix,
     branch_key,
@@ -26,7 +24,7 @@ from merit_core.pipeline.layout import (
 )
 from merit_core.pipeline.mixture import load_split
 from merit_core.store import ArtifactStore, StoreError, default_cache_dir
-from merit_core.train import check_train_setup
+from merit_core.train import check_train_setup, resolve_nproc, run_distributed_branch
 from merit_core.train import train_branch as run_trainer
 
 logger = logging.getLogger("merit")
@@ -47,7 +45,8 @@ def train_branch(cfg: MeritConfig, store: ArtifactStore, base: ModelRef, mixture
     complete one and resumes from it; they are deleted once θ_k is committed.
     ``after_checkpoint`` is called with each local checkpoint dir once it is in the store
     (in-process training only). With ``train.nproc_per_node`` > 1, or DeepSpeed, the
-    branch trains on that many processes (:mod:`merit_core.launch`).
+    branch trains on that many processes under torch's elastic launcher
+    (:mod:`merit_core.train.launch`).
 
     Raises:
         merit_core.train.TrainSetupError: settings this machine cannot train with.
@@ -76,24 +75,17 @@ def train_branch(cfg: MeritConfig, store: ArtifactStore, base: ModelRef, mixture
     out = store.staging_dir(key)
     nproc = resolve_nproc(cfg.train.nproc_per_node)
     check_train_setup(cfg.train, nproc)
-    if nproc > 1 or cfg.train.deepspeed:  # torchrun (DDP / DeepSpeed ZeRO, which needs its env even on 1 GPU)
+    if nproc > 1 or cfg.train.deepspeed:  # elastic launcher (DDP / DeepSpeed ZeRO, which needs its env even on 1 GPU)
         write_examples(work / "examples.jsonl", examples)
-        res = run_distributed_branch(
-            {"config": cfg.model_dump(mode="json"), "base_dir": str(base_dir),
-             "examples": str(work / "examples.jsonl"), "output_dir": str(out), "checkpoint_dir": str(ckpt_dir),
-             "checkpoint_prefix": ckpt_prefix, "dtype": cfg.model.dtype},
-            work, nproc)
+        stats = run_distributed_branch(base_dir, work / "examples.jsonl", out, cfg.train, nproc=nproc,
+                                       checkpoint_dir=ckpt_dir, dtype=cfg.model.dtype, store=store,
+                                       checkpoint_prefix=ckpt_prefix)
     else:
-        res = run_trainer(base_dir, examples, out, cfg.train, checkpoint_dir=ckpt_dir,
-                          dtype=cfg.model.dtype, on_checkpoint=upload)
-    ref = BranchCheckpoint(
-        index=index, label=label, key=key, uri=store.uri_for(key), sources=sorted(sources),
-        trained_tokens=res.trained_tokens, examples=res.examples, steps=res.steps,
-        train_loss=res.train_loss, wall_s=res.wall_s, resumed_from_step=res.resumed_from_step,
-        processes=res.processes, packed=res.packed,
-        real_token_fraction=None if math.isnan(res.real_token_fraction) else res.real_token_fraction,
-    )
-    store.commit_dir(key, Path(res.output_dir), metadata={"kind": "branch", "branch": ref.model_dump()})
+        stats = run_trainer(base_dir, examples, out, cfg.train, checkpoint_dir=ckpt_dir,
+                            dtype=cfg.model.dtype, on_checkpoint=upload)
+    ref = BranchCheckpoint(index=index, label=label, key=key, uri=store.uri_for(key), sources=sorted(sources),
+                           **stats.model_dump())
+    store.commit_dir(key, out, metadata={"kind": "branch", "branch": ref.model_dump()})
     store.delete_prefix(ckpt_prefix)
     shutil.rmtree(work, ignore_errors=True)
     _log_branch(ref)

@@ -16,63 +16,21 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from merit_core.artifacts import TrainStats
+from merit_core.batching import PackedCollator, packing_supported
 from merit_core.config import TrainConfig
 from merit_core.data.types import TokenizedExample
-from merit_core.batching import PackedCollator, packing_supported
 from merit_core.precision import resolve_bf16
+from merit_core.train.checks import TrainSetupError, check_train_setup
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
-
-
-class TrainError(RuntimeError):
-    """A branch cannot train (bad input or an unsupported setting); names the cause."""
-
-
-class TrainSetupError(TrainError):
-    """A setting this machine cannot run (DeepSpeed without CUDA, a missing DeepSpeed
-    config, a batch the process count does not divide, no examples): retrying the
-    branch cannot help, so the pipeline does not retry it."""
-
-
-@dataclass
-class BranchResult:
-    """What one finished branch reports (small; travels between pipeline stages).
-
-    Attributes:
-        output_dir: HF model directory of θ_k (safetensors, config, tokenizer).
-        trained_tokens: N_k, loss-bearing (response) tokens processed in training,
-            counted with multiplicity over epochs (the token-weighted merge weight).
-        examples: training examples in the branch (one epoch).
-        steps: optimizer steps taken.
-        train_loss: mean training loss reported by the Trainer (nats/token).
-        wall_s: wall time of training in seconds.
-        resumed_from_step: step of the checkpoint the run resumed from (0 if none).
-        processes: processes that trained the branch together (torchrun world size).
-        packed: whether the branch trained on padding-free packed batches.
-        real_token_fraction: example tokens / all positions of the batches this
-            process trained on (1.0 minus the share spent on padding).
-    """
-
-    output_dir: str
-    trained_tokens: int
-    examples: int
-    steps: int
-    train_loss: float
-    wall_s: float
-    resumed_from_step: int = 0
-    processes: int = 1
-    packed: bool = False
-    real_token_fraction: float = math.nan
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class _ListDataset(torch.utils.data.Dataset):
@@ -142,44 +100,10 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def check_train_setup(cfg: TrainConfig, nproc: int = 1) -> None:
-    """Fail fast on settings this machine cannot train with, before any work.
-
-    The flow calls this when it starts (for branches that run on this machine), and
-    every branch again before training.
-
-    Raises:
-        TrainSetupError: DeepSpeed without CUDA, a missing DeepSpeed config file, or
-            ``cfg.batch_size`` not divisible by ``nproc`` processes.
-    """
-    _check_deepspeed(cfg)
-    if cfg.batch_size % nproc:
-        raise TrainSetupError(f"train.batch_size={cfg.batch_size} is not divisible by the {nproc} processes "
-                              f"of a branch (train.nproc_per_node={cfg.nproc_per_node!r})")
-
-
-def _check_deepspeed(cfg: TrainConfig) -> None:
-    if cfg.deepspeed and not torch.cuda.is_available():
-        raise TrainSetupError(
-            f"train.deepspeed={cfg.deepspeed!r} needs CUDA GPUs, but torch sees none on this machine; "
-            "unset train.deepspeed to train on CPU"
-        )
-    if cfg.deepspeed and not Path(cfg.deepspeed).is_file():
-        raise TrainSetupError(f"train.deepspeed: DeepSpeed config file {cfg.deepspeed} does not exist")
-
-
-def train_branch(
-    base_dir: str | os.PathLike,
-    examples: Sequence[TokenizedExample],
-    output_dir: str | os.PathLike,
-    cfg: TrainConfig,
-    *,
-    checkpoint_dir: str | os.PathLike | None = None,
-    resume: bool = True,
-    dtype: str = "float32",
-    on_checkpoint: Callable[[Path], None] | None = None,
-    callbacks: Sequence[object] = (),
-) -> BranchResult:
+def train_branch(base_dir: str | os.PathLike, examples: Sequence[TokenizedExample], output_dir: str | os.PathLike,
+                 cfg: TrainConfig, *, checkpoint_dir: str | os.PathLike | None = None, resume: bool = True,
+                 dtype: str = "float32", on_checkpoint: Callable[[Path], None] | None = None,
+                 callbacks: Sequence[object] = ()) -> TrainStats:
     """Fine-tune a copy of θ(0) on ``examples`` and save θ_k to ``output_dir``.
 
     Args:
@@ -197,26 +121,19 @@ def train_branch(
         callbacks: extra ``transformers.TrainerCallback`` objects (e.g. the throughput
             benchmark's step timer); the batch collator is ``train_dataloader.collate_fn``.
 
-    Under torchrun (``WORLD_SIZE`` > 1, see :mod:`merit_core.launch`) every rank calls
-    this; each takes ``cfg.batch_size / WORLD_SIZE`` examples per micro-step, so the
-    global batch and the step count do not depend on the process count. Rank 0 writes
-    ``output_dir``; other ranks return the same BranchResult without writing it.
+    Under torchrun (``WORLD_SIZE`` > 1, see :mod:`merit_core.train.launch`) every rank
+    calls this; each takes ``cfg.batch_size / WORLD_SIZE`` examples per micro-step, so
+    the global batch and the step count do not depend on the process count. Rank 0
+    writes ``output_dir``; other ranks return the same stats without writing it.
 
     Returns:
-        BranchResult with N_k (``trained_tokens``) for the token-weighted merge.
+        TrainStats with N_k (``trained_tokens``) for the token-weighted merge.
 
     Raises:
-        TrainError: no examples, DeepSpeed without CUDA, missing DeepSpeed config,
+        TrainSetupError: no examples, DeepSpeed without CUDA, missing DeepSpeed config,
             ``cfg.batch_size`` not divisible by the process count.
     """
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoTokenizer,
-        DataCollatorForSeq2Seq,
-        Trainer,
-        TrainerCallback,
-        TrainingArguments,
-    )
+    from transformers import Trainer
 
     if not examples:
         raise TrainSetupError("train_branch: the branch has no training examples")
@@ -225,15 +142,49 @@ def train_branch(
     output_dir = Path(output_dir)
     ckpt_root = Path(checkpoint_dir) if checkpoint_dir else output_dir.parent / f"{output_dir.name}-checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
+    tokenizer, model, packed, use_cache = _load(base_dir, cfg, dtype)
+    world = world_size()
+    check_train_setup(cfg, world)
+    collator = _collator(tokenizer, cfg, packed)
+    trainer = Trainer(model=model, args=_training_arguments(cfg, ckpt_root, world),
+                      train_dataset=_ListDataset(examples), data_collator=collator,
+                      callbacks=[*callbacks, *_upload_callbacks(on_checkpoint)])
+    resume_from, resumed_step = _resume_point(ckpt_root) if resume else (None, 0)
+    t0 = time.perf_counter()
+    out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    wall = time.perf_counter() - t0
+    model.config.use_cache = use_cache  # switched off for training by _load
+    _save(trainer, tokenizer, output_dir)
+    real = collator.real_token_fraction
+    return TrainStats(trained_tokens=trained_token_count(examples, cfg), examples=len(examples),
+                      steps=int(trainer.state.global_step), wall_s=wall, resumed_from_step=resumed_step,
+                      train_loss=float(out.training_loss) if out.training_loss is not None else math.nan,
+                      processes=world, packed=packed, real_token_fraction=None if math.isnan(real) else real)
+
+
+def _resume_point(ckpt_root: Path) -> tuple[Path | None, int]:
+    """The newest complete checkpoint under ``ckpt_root`` and its step, or (None, 0)."""
+    resume_from = newest_checkpoint(ckpt_root)
+    if resume_from is None:
+        return None, 0
+    step = int(resume_from.name[len(CHECKPOINT_PREFIX):])
+    logger.info("resuming branch from %s (step %d)", resume_from, step)
+    return resume_from, step
+
+
+def _load(base_dir: str | os.PathLike, cfg: TrainConfig, dtype: str) -> tuple:
+    """θ(0) with its KV cache switched off, its tokenizer (pad token = EOS when it has
+    none), whether the branch trains packed (``cfg.packing`` and the model keeps packed
+    examples apart), and the model's own ``use_cache`` (restored before saving)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch_dtype, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=_DTYPES[dtype], trust_remote_code=False)
     use_cache = model.config.use_cache
     # Training needs no KV cache; without one transformers also reads packed examples'
-    # boundaries from position_ids. Restored before the model is saved.
+    # boundaries from position_ids.
     model.config.use_cache = False
     packed = cfg.packing and packing_supported(model)
     if cfg.packing and not packed:
@@ -241,14 +192,18 @@ def train_branch(
                        "attention mask); this branch trains on padded batches", type(model).__name__)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    return tokenizer, model, packed, use_cache
+
+
+def _training_arguments(cfg: TrainConfig, ckpt_root: Path, world: int):
+    """The Trainer's arguments for ``cfg`` on ``world`` processes (same global batch on
+    any process count)."""
+    from transformers import TrainingArguments
 
     use_cuda = torch.cuda.is_available()
-    world = world_size()
-    check_train_setup(cfg, world)
-    bf16 = resolve_bf16(cfg.bf16, "cuda" if use_cuda else "cpu", "train.bf16")
-    args = TrainingArguments(
+    return TrainingArguments(
         output_dir=str(ckpt_root),
-        per_device_train_batch_size=cfg.batch_size // world,  # same global batch on any process count
+        per_device_train_batch_size=cfg.batch_size // world,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         learning_rate=cfg.learning_rate,
         lr_scheduler_type=cfg.lr_scheduler,
@@ -266,47 +221,44 @@ def train_branch(
         save_total_limit=2,
         report_to="none",
         use_cpu=not use_cuda,
-        bf16=bf16,
+        bf16=resolve_bf16(cfg.bf16, "cuda" if use_cuda else "cpu", "train.bf16"),
         deepspeed=cfg.deepspeed,
         dataloader_num_workers=0,
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         remove_unused_columns=False,
         disable_tqdm=False,
     )
+
+
+def _collator(tokenizer, cfg: TrainConfig, packed: bool) -> PackedCollator | _CountingCollator:
+    from transformers import DataCollatorForSeq2Seq
+
     if packed:
-        collator = PackedCollator(tokenizer.pad_token_id, cfg.pack_tokens)
-    else:
-        collator = _CountingCollator(DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
+        return PackedCollator(tokenizer.pad_token_id, cfg.pack_tokens)
+    return _CountingCollator(DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
 
-    callbacks = list(callbacks)
-    if on_checkpoint is not None:
 
-        class _Upload(TrainerCallback):
-            def on_save(self, args, state, control, **kwargs):  # noqa: D401 - HF signature
-                if not state.is_world_process_zero:
-                    return
-                path = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{state.global_step}"
-                if path.is_dir():
-                    on_checkpoint(path)
+def _upload_callbacks(on_checkpoint: Callable[[Path], None] | None) -> list:
+    """A Trainer callback that hands each checkpoint dir rank 0 saved to ``on_checkpoint``."""
+    from transformers import TrainerCallback
 
-        callbacks.append(_Upload())
+    if on_checkpoint is None:
+        return []
 
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=_ListDataset(examples),
-        data_collator=collator,
-        callbacks=callbacks,
-    )
-    resume_from = newest_checkpoint(ckpt_root) if resume else None
-    resumed_step = int(resume_from.name[len(CHECKPOINT_PREFIX):]) if resume_from else 0
-    if resume_from:
-        logger.info("resuming branch from %s (step %d)", resume_from, resumed_step)
-    t0 = time.perf_counter()
-    out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    wall = time.perf_counter() - t0
+    class _Upload(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):  # noqa: D401 - HF signature
+            if not state.is_world_process_zero:
+                return
+            path = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{state.global_step}"
+            if path.is_dir():
+                on_checkpoint(path)
 
-    model.config.use_cache = use_cache
+    return [_Upload()]
+
+
+def _save(trainer, tokenizer, output_dir: Path) -> None:
+    """Write θ_k and the tokenizer to ``output_dir`` (through ``<name>.partial``, so a
+    crash never leaves a half-written directory under the final name)."""
     tmp = output_dir.with_name(output_dir.name + ".partial")
     if trainer.is_world_process_zero() and tmp.exists():
         shutil.rmtree(tmp)
@@ -316,17 +268,3 @@ def train_branch(
         if output_dir.exists():
             shutil.rmtree(output_dir)
         os.replace(tmp, output_dir)
-
-    loss = float(out.training_loss) if out.training_loss is not None else math.nan
-    return BranchResult(
-        output_dir=str(output_dir),
-        trained_tokens=trained_token_count(examples, cfg),
-        examples=len(examples),
-        steps=int(trainer.state.global_step),
-        train_loss=loss,
-        wall_s=wall,
-        resumed_from_step=resumed_step,
-        processes=world,
-        packed=packed,
-        real_token_fraction=collator.real_token_fraction,
-    )

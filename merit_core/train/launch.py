@@ -1,0 +1,144 @@
+"""One branch on several processes (GPUs): :func:`merit_core.train.train_branch` on every
+rank of a torch elastic launch (what ``torchrun --standalone`` runs), rank 0's result
+returned to the caller.
+
+The MERIT branches never talk to each other; inside one branch, data parallelism (DDP,
+or DeepSpeed ZeRO when ``train.deepspeed`` is set) spreads the branch over the GPUs of
+its worker. :func:`run_distributed_branch` starts the ranks with
+``torch.distributed.launcher.api.elastic_launch``, which hands each rank's return value
+back to the parent: every rank runs :func:`train_rank`, rank 0 uploads checkpoints to
+the store as the Trainer writes them. The ranks write to the parent's stdout/stderr.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+from pydantic import BaseModel
+from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+from merit_core.artifacts import TrainStats, read_examples
+from merit_core.config import TrainConfig
+from merit_core.train.checks import TrainError, TrainSetupError
+from merit_core.train.trainer import train_branch
+
+if TYPE_CHECKING:
+    from merit_core.store import ArtifactStore
+
+logger = logging.getLogger(__name__)
+
+
+class RankSetupFailure(BaseModel):
+    """A rank refused the branch's settings (a :class:`TrainSetupError`) before training:
+    what :func:`train_rank` returns instead of raising, so that the parent raises the
+    same error type without parsing any output."""
+
+    rank: int
+    message: str
+
+
+def resolve_nproc(value: int | str) -> int:
+    """Processes for one branch: an int as given; ``"auto"`` = visible CUDA devices
+    (``torch.cuda.device_count()``), 1 on a machine without CUDA."""
+    if value == "auto":
+        return max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 1
+    return int(value)
+
+
+def run_distributed_branch(base_dir: str | os.PathLike, examples: str | os.PathLike, output_dir: str | os.PathLike,
+                           cfg: TrainConfig, *, nproc: int, checkpoint_dir: str | os.PathLike, dtype: str = "float32",
+                           store: ArtifactStore | None = None, checkpoint_prefix: str | None = None) -> TrainStats:
+    """Train one branch on ``nproc`` local processes and return rank 0's stats.
+
+    Args:
+        base_dir: HF directory of θ(0).
+        examples: JSON Lines of the branch's TokenizedExamples
+            (:func:`merit_core.artifacts.write_examples`); every rank reads it.
+        output_dir: where rank 0 writes θ_k (HF directory).
+        cfg: the branch hyper-parameters.
+        nproc: processes on this node (``nproc_per_node``), ≥ 1 (1 for DeepSpeed on one GPU).
+        checkpoint_dir: local ``checkpoint-<step>`` dirs (resumed from when present).
+        dtype: weights dtype for training.
+        store, checkpoint_prefix: rank 0 commits each checkpoint to
+            ``<checkpoint_prefix>/checkpoint-<step>`` of ``store`` (pickled to the
+            ranks); both or neither.
+
+    Without ``OMP_NUM_THREADS`` in the environment each rank of a multi-process branch
+    uses one intra-op thread (torchrun's default) unless ``cfg.threads`` says otherwise.
+    The ranks are started with multiprocessing's ``spawn``: they re-import the caller's
+    main module, which must therefore be a file or module guarded by
+    ``if __name__ == "__main__"`` (the ``merit`` command, Prefect's engine and pytest are).
+
+    Returns:
+        The :class:`TrainStats` of rank 0.
+
+    Raises:
+        TrainSetupError: a rank refused the settings (e.g. DeepSpeed without CUDA, no
+            examples).
+        TrainError: a rank failed (message: the failing rank, its exit code and the
+            root-cause exception with its traceback).
+        ValueError: ``nproc`` < 1, or only one of ``store`` and ``checkpoint_prefix``.
+    """
+    if nproc < 1:
+        raise ValueError(f"run_distributed_branch: nproc must be ≥ 1, got {nproc}")
+    if (store is None) != (checkpoint_prefix is None):
+        raise ValueError("run_distributed_branch: give both store and checkpoint_prefix, or neither")
+    logger.info("launching branch on %d processes (torch elastic launch, output %s)", nproc, output_dir)
+    with tempfile.TemporaryDirectory(prefix="merit-launch-") as logs:  # the ranks' error files
+        config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=uuid.uuid4().hex,
+                              rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
+                              logs_specs=DefaultLogsSpecs(log_dir=logs))
+        try:
+            results = elastic_launch(config, train_rank)(
+                cfg, str(base_dir), str(examples), str(output_dir), str(checkpoint_dir), dtype, store,
+                checkpoint_prefix)
+        except ChildFailedError as err:
+            raise TrainError(f"distributed branch ({nproc} processes) failed:\n{err}") from err
+    refused = [r for r in results.values() if isinstance(r, RankSetupFailure)]
+    if refused:
+        raise TrainSetupError(refused[0].message)
+    return results[0]
+
+
+def train_rank(cfg: TrainConfig, base_dir: str, examples: str, output_dir: str, checkpoint_dir: str, dtype: str,
+               store: ArtifactStore | None, checkpoint_prefix: str | None) -> TrainStats | RankSetupFailure:
+    """What every rank of :func:`run_distributed_branch` runs (``RANK``, ``WORLD_SIZE``
+    and the rendezvous are set by the elastic agent); arguments as there.
+
+    Returns:
+        This rank's :class:`TrainStats`, or a :class:`RankSetupFailure` naming the
+        refused setting. Other errors propagate (the launcher records them).
+    """
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
+    if world > 1 and "OMP_NUM_THREADS" not in os.environ:  # torchrun's default: no oversubscribed cores
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+    upload = None
+    if rank == 0 and store is not None:
+
+        def upload(path: Path) -> None:
+            store.commit_dir(f"{checkpoint_prefix}/{path.name}", path, metadata={"kind": "train-checkpoint"})
+
+    try:
+        result: TrainStats | RankSetupFailure = train_branch(
+            base_dir, read_examples(examples), output_dir, cfg, checkpoint_dir=checkpoint_dir, dtype=dtype,
+            on_checkpoint=upload)
+    except TrainSetupError as err:
+        result = RankSetupFailure(rank=rank, message=str(err))
+    # Leave together: a rank that exits while others still use the process group
+    # aborts in the group's destructor ("terminate called without an active exception").
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return result
