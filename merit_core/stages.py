@@ -492,7 +492,7 @@ def write_study_report(cfg: MeritConfig, study_id: str, records: Sequence) -> tu
         (report dict, report markdown with the store URI of the files).
     """
     from merit_core.pipeline.study import combine
-    from merit_core.study_report import write_study_report as _write
+    from merit_core.report import write_study_report as _write
 
     store = store_for(cfg)
     key = safe_key("runs", study_id, "report")

@@ -299,7 +299,7 @@ def test_study_flow_tiny(harness, tmp_path, tiny_model_dir, monkeypatch):
     # Seed records in a results folder rebuild the report (merit study-report), from any sessions.
     from merit_core.pipeline.study import StudyRecordError, combine, read_records, write_record
     from merit_core.stages import load_seed_records
-    from merit_core.study_report import write_study_report
+    from merit_core.report import write_study_report
 
     folder = tmp_path / "results"
     for rec in load_seed_records(cfg, "tiny-study"):
