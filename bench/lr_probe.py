@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     from merit_core import stages
     from merit_core.benchmarks import average, score
     from merit_core.config import load_config
-    from merit_core.study import mean_std, t_interval
+    from merit_core.stats import mean_std, t_interval
 
     cfg = load_config(args.config, [f"store.uri={args.store}", f"eval.benchmark_max_examples={args.benchmark_examples}",
                                     f"train.batch_size={args.batch_size}", "train.threads=null"])

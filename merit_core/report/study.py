@@ -28,6 +28,7 @@ from merit_core.report.plots import (
 )
 from merit_core.report.render import render
 from merit_core.split import conflict_structure
+from merit_core.stats import mean_std
 from merit_core.study import (
     Metric,
     ModelResult,
@@ -36,7 +37,6 @@ from merit_core.study import (
     budget_rows,
     comparisons,
     headline_metrics,
-    mean_std,
     per_seed,
     summarise_study,
 )
