@@ -45,8 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     from merit_core.pipeline.branches import train_branch
     from merit_core.pipeline.evaluate import evaluate_benchmarks, resolve_benchmarks
     from merit_core.pipeline.mixture import resolve_mixture
+    from merit_core.stats import mean_std, t_interval
     from merit_core.store import open_store
-    from merit_core.study import mean_std, t_interval
 
     cfg = load_config(args.config, [f"store.uri={args.store}", f"eval.benchmark_max_examples={args.benchmark_examples}",
                                     f"train.batch_size={args.batch_size}", "train.threads=null"])

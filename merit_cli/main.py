@@ -165,7 +165,7 @@ def study(
     cfg = _load(config, set_)
     _exit_on_sigterm()
     from flows.study import merit_study
-    from merit_core.study_report import MAIN_METRICS
+    from merit_core.report import MAIN_METRICS
 
     with _prefect_api():
         report = merit_study(cfg, n_seeds=seeds, first_seed=first_seed)
@@ -182,7 +182,7 @@ def study_report(
 ) -> None:
     """Rebuild a study report (report.md, report.json, PNGs) in FOLDER from every seed record in it."""
     from merit_core.pipeline.study import StudyRecordError, combine, read_records
-    from merit_core.study_report import MAIN_METRICS, write_study_report
+    from merit_core.report import MAIN_METRICS, write_study_report
 
     try:
         records = read_records(folder)
@@ -203,12 +203,12 @@ def mixture(config: ConfigArg, set_: SetOpt = None) -> None:
     _setup_logging()
     from merit_core.pipeline.base import prepare_base
     from merit_core.pipeline.mixture import resolve_mixture
-    from merit_core.report import _mixture_table
+    from merit_core.report import mixture_table
     from tasks.store import run_store
 
     store = run_store(cfg)
     m = resolve_mixture(cfg, store, prepare_base(cfg, store))
-    typer.echo(_mixture_table(m))
+    typer.echo(mixture_table(m))
 
 
 @app.command()

@@ -9,7 +9,7 @@ import math
 import pytest
 
 from merit_core.config import ConfigError, MeritConfig, load_config
-from merit_core.study import (
+from merit_core.stats import (
     mean_std,
     paired_differences,
     sign_test,
@@ -79,6 +79,29 @@ def test_sign_test_by_hand(diffs, pos, neg, ties, p):
     st = sign_test(diffs)
     assert (st.positives, st.negatives, st.ties) == (pos, neg, ties)
     assert st.p_value == pytest.approx(p, abs=1e-12)
+
+
+def _binomial_two_sided_p(k: int, n: int) -> float:
+    """Exact two-sided binomial p at p = ½ by brute force: the total probability, in exact
+    fractions, of every outcome i with P(i) ≤ P(k)."""
+    from fractions import Fraction
+
+    pmf = [Fraction(math.comb(n, i), 2**n) for i in range(n + 1)]
+    return float(sum(p for p in pmf if p <= pmf[k]))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 6, 9, 10, 17, 30])
+def test_sign_test_against_brute_force_binomial_sum(n):
+    for k in range(n + 1):
+        st = sign_test([1.0] * k + [-1.0] * (n - k) + [0.0])  # one tie, dropped
+        assert (st.positives, st.negatives, st.ties, st.n) == (k, n - k, 1, n)
+        assert st.p_value == pytest.approx(_binomial_two_sided_p(k, n), abs=1e-12), (k, n)
+
+
+def test_sign_test_tolerance_makes_ties():
+    st = sign_test([0.05, -0.05, 0.2, -0.3, 0.4], tol=0.1)
+    assert (st.positives, st.negatives, st.ties) == (2, 1, 2)
+    assert st.p_value == pytest.approx(_binomial_two_sided_p(2, 3), abs=1e-12) == 1.0
 
 
 def test_summarise_within_noise_and_beyond_noise():
@@ -300,7 +323,7 @@ def test_study_flow_tiny(harness, tmp_path, tiny_model_dir, monkeypatch):
     # Seed records in a results folder rebuild the report (merit study-report), from any sessions.
     from merit_core.pipeline.study import StudyRecordError, combine, read_records, write_record
     from merit_core.pipeline.reports import load_seed_records
-    from merit_core.study_report import write_study_report
+    from merit_core.report import write_study_report
 
     folder = tmp_path / "results"
     for rec in load_seed_records(open_store(cfg.store), "tiny-study"):

@@ -59,9 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     from merit_core.benchmarks import BenchmarkSuite
     from merit_core.config import load_config
     from merit_core.pipeline.study import combine, plain_ops, read_records, run_study, write_record
+    from merit_core.report import write_study_report
     from merit_core.store import open_store
     from merit_core.study import check_study_config, seeds
-    from merit_core.study_report import write_study_report
 
     bundle, out, previous = Path(args.bundle), Path(args.out), Path(args.previous)
     os.environ.setdefault("MERIT_CACHE_DIR", str(bundle / "cache"))

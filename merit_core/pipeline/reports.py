@@ -8,8 +8,8 @@ from collections.abc import Sequence
 from merit_core.pipeline.layout import report_key, seed_record_key, seed_records_prefix
 from merit_core.pipeline.study import SeedRecord, combine
 from merit_core.report import write_report
+from merit_core.report import write_study_report as render_study_report
 from merit_core.store import ArtifactStore
-from merit_core.study_report import write_study_report as render_study_report
 
 
 def _with_uri(data: dict, md: str, uri: str) -> tuple[dict, str]:

@@ -245,7 +245,7 @@ def _training_setup(config: dict) -> dict:
 
 
 def combine(records: Sequence[SeedRecord], where: str = "seed records") -> dict[str, Any]:
-    """The inputs of :func:`merit_core.study_report.write_study_report` from the records of
+    """The inputs of :func:`merit_core.report.write_study_report` from the records of
     every finished seed (any order, any sessions).
 
     θ(0)'s result, the mixture, suite, conflict matrix and PCA partitions come from the
