@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         (branch,) = [train_branch(c, store, base, mixture, mixture.names, run_id, "joint", 0)]
         wall = time.perf_counter() - t0
-        from merit_core.artifacts import ModelRef
+        from merit_core.refs import ModelRef
 
         model = ModelRef(key=branch.key, uri=branch.uri, label=f"joint lr {lr:g}")
         rows.append({"label": model.label, "lr": lr, "steps": branch.steps, "train_loss": branch.train_loss,

@@ -40,8 +40,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from merit_core.artifacts import read_examples  # noqa: E402
 from merit_core.config import TrainConfig  # noqa: E402
+from merit_core.refs import read_examples  # noqa: E402
 
 # Dense bf16 tensor-core peak (no sparsity), vendors' datasheets, TFLOP/s.
 GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "L4": 121.0}

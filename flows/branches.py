@@ -33,8 +33,8 @@ from prefect.states import Scheduled
 from prefect.task_runners import ProcessPoolTaskRunner
 from prefect.utilities.asyncutils import run_coro_as_sync
 
-from merit_core.artifacts import BranchCheckpoint, MixtureManifest, ModelRef
 from merit_core.config import MeritConfig
+from merit_core.refs import BranchRef, MixtureRef, ModelRef
 from tasks import collect_branches_task, train_branch_task
 
 
@@ -44,20 +44,20 @@ class BranchRunError(RuntimeError):
 
 
 @flow(name="merit-branch", flow_run_name="{label}-branch-{index}")
-def merit_branch(config: MeritConfig, base: ModelRef, mixture: MixtureManifest, sources: list[str],
-                 run_id: str, label: str, index: int) -> BranchCheckpoint:
+def merit_branch(config: MeritConfig, base: ModelRef, mixture: MixtureRef, sources: list[str],
+                 run_id: str, label: str, index: int) -> BranchRef:
     """Fine-tune one copy of θ(0) on the union of ``sources`` (spec step 4)."""
     return train_branch_task(config, base, mixture, sources, run_id, label, index)
 
 
 @task(name="branch-process", task_run_name="branch-process-{label}-{index}")
-def _branch_in_process(config: MeritConfig, base: ModelRef, mixture: MixtureManifest, sources: list[str],
-                       run_id: str, label: str, index: int) -> BranchCheckpoint:
+def _branch_in_process(config: MeritConfig, base: ModelRef, mixture: MixtureRef, sources: list[str],
+                       run_id: str, label: str, index: int) -> BranchRef:
     return merit_branch(config, base, mixture, sources, run_id, label, index)
 
 
-def run_branches(config: MeritConfig, base: ModelRef, mixture: MixtureManifest, groups: list[list[str]],
-                 run_id: str, label: str) -> list[BranchCheckpoint]:
+def run_branches(config: MeritConfig, base: ModelRef, mixture: MixtureRef, groups: list[list[str]],
+                 run_id: str, label: str) -> list[BranchRef]:
     """Train one branch per group, independently, as ``config.run.branch_execution`` says;
     return their checkpoints in group order.
 
@@ -171,8 +171,8 @@ def _failures(children: Sequence[FlowRun], final: dict[UUID, FlowRun], label: st
     return errors
 
 
-def run_branches_on_deployment(config: MeritConfig, base: ModelRef, mixture: MixtureManifest,
-                               groups: list[list[str]], run_id: str, label: str) -> list[BranchCheckpoint]:
+def run_branches_on_deployment(config: MeritConfig, base: ModelRef, mixture: MixtureRef,
+                               groups: list[list[str]], run_id: str, label: str) -> list[BranchRef]:
     """Train one branch per group as separate flow runs of ``config.run.branch_deployment``,
     concurrently; return their checkpoints in group order (read from the store).
 

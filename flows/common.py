@@ -4,10 +4,10 @@
 from prefect import get_run_logger
 from prefect.runtime import flow_run
 
-from merit_core.artifacts import StageTiming
 from merit_core.config import MeritConfig, apply_overrides, load_config
 from merit_core.pipeline import layout
 from merit_core.pipeline.study import stage_timer as _stage_timer
+from merit_core.refs import StageTiming
 from merit_core.train import check_train_setup, resolve_nproc
 
 

@@ -9,8 +9,8 @@ from prefect import flow, get_run_logger
 
 from flows.branches import run_branches
 from flows.common import resolve_config, run_id, stage_timer
-from merit_core.artifacts import ModelRef, StageTiming
 from merit_core.config import MeritConfig
+from merit_core.refs import ModelRef, StageTiming
 from tasks import (
     conflict_task,
     evaluate_benchmarks_task,

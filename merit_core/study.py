@@ -125,7 +125,7 @@ class ModelResult(BaseModel):
 def model_result(label: str, seed: int | None, heldout: dict, benchmarks: dict | None = None,
                  displacement: float | None = None, branches: Sequence = ()) -> ModelResult:
     """A :class:`ModelResult` with the training budget summed over ``branches``
-    (:class:`merit_core.artifacts.BranchCheckpoint`; for a merged model: all K branches)."""
+    (:class:`merit_core.refs.BranchRef`; for a merged model: all K branches)."""
     return ModelResult(
         label=label, seed=seed, heldout=heldout, benchmarks=benchmarks, displacement=displacement,
         branches=len(branches), steps=sum(b.steps for b in branches),

@@ -12,15 +12,6 @@ by (model sha, source content hash, conflict settings) — see ``source_gradient
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from merit_core.artifacts import (
-    BranchCheckpoint,
-    ConflictReport,
-    MixtureManifest,
-    ModelRef,
-    Partition,
-    SketchRef,
-    SourceInfo,
-)
 from merit_core.benchmarks import BenchmarkSuite
 from merit_core.config import MeritConfig
 from merit_core.pipeline import reports
@@ -37,6 +28,15 @@ from merit_core.pipeline.merge import merge_branches
 from merit_core.pipeline.mixture import resolve_mixture
 from merit_core.pipeline.partition import partition_sources
 from merit_core.pipeline.study import SeedRecord
+from merit_core.refs import (
+    BranchRef,
+    ConflictMatrix,
+    MixtureRef,
+    ModelRef,
+    Partition,
+    SketchRef,
+    SourceInfo,
+)
 from merit_core.train import TrainSetupError
 from tasks.store import run_store
 
@@ -56,7 +56,7 @@ def prepare_base_task(config: MeritConfig) -> ModelRef:
 
 
 @task(name="resolve-mixture", **STORAGE_RETRIES)
-def resolve_mixture_task(config: MeritConfig, base: ModelRef) -> MixtureManifest:
+def resolve_mixture_task(config: MeritConfig, base: ModelRef) -> MixtureRef:
     mixture = resolve_mixture(config, run_store(config), base)
     create_table_artifact(
         key="mixture", table=[s.model_dump(exclude={"key"}) for s in mixture.sources],
@@ -75,36 +75,36 @@ def source_gradient_task(config: MeritConfig, base: ModelRef, source: SourceInfo
 
 
 @task(name="conflict-matrix")
-def conflict_task(config: MeritConfig, sketches: list[SketchRef]) -> ConflictReport:
+def conflict_task(config: MeritConfig, sketches: list[SketchRef]) -> ConflictMatrix:
     return build_conflict_matrix(config, run_store(config), sketches)
 
 
 @task(name="split")
-def split_task(config: MeritConfig, conflict: ConflictReport, mixture: MixtureManifest,
+def split_task(config: MeritConfig, conflict: ConflictMatrix, mixture: MixtureRef,
                strategy: str | None = None) -> Partition:
     return partition_sources(config, conflict, mixture, strategy=strategy)
 
 
 @task(name="train-branch", task_run_name="train-{label}-{index}", **TRAIN_RETRIES)
-def train_branch_task(config: MeritConfig, base: ModelRef, mixture: MixtureManifest, sources: list[str],
-                      run_id: str, label: str, index: int) -> BranchCheckpoint:
+def train_branch_task(config: MeritConfig, base: ModelRef, mixture: MixtureRef, sources: list[str],
+                      run_id: str, label: str, index: int) -> BranchRef:
     return train_branch(config, run_store(config), base, mixture, sources, run_id, label, index)
 
 
 @task(name="collect-branches", task_run_name="collect-{label}", **STORAGE_RETRIES)
-def collect_branches_task(config: MeritConfig, run_id: str, label: str, groups: list[list[str]]) -> list[BranchCheckpoint]:
+def collect_branches_task(config: MeritConfig, run_id: str, label: str, groups: list[list[str]]) -> list[BranchRef]:
     """The branches that flow runs on other workers committed, read back from the store."""
     return collect_branches(run_store(config), run_id, label, groups)
 
 
 @task(name="merge", task_run_name="merge-{label}", **STORAGE_RETRIES)
-def merge_task(config: MeritConfig, base: ModelRef, branches: list[BranchCheckpoint], run_id: str,
+def merge_task(config: MeritConfig, base: ModelRef, branches: list[BranchRef], run_id: str,
                label: str) -> ModelRef:
     return merge_branches(config, run_store(config), base, branches, run_id, label)
 
 
 @task(name="evaluate", task_run_name="evaluate-{model.label}")
-def evaluate_task(config: MeritConfig, model: ModelRef, mixture: MixtureManifest) -> dict:
+def evaluate_task(config: MeritConfig, model: ModelRef, mixture: MixtureRef) -> dict:
     return evaluate_model(config, run_store(config), model, mixture)
 
 

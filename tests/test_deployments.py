@@ -12,9 +12,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from merit_core.artifacts import BranchCheckpoint, MixtureManifest, ModelRef
 from merit_core.config import MeritConfig, load_config
 from merit_core.pipeline.layout import branch_key
+from merit_core.refs import BranchRef, MixtureRef, ModelRef
 from merit_core.store import open_store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -162,9 +162,9 @@ def _flow_run(name: str, state):
     return FlowRun(id=uuid4(), name=name, flow_id=uuid4(), state=state)
 
 
-def _commit_branch(store, run_id: str, label: str, index: int, sources: list[str]) -> BranchCheckpoint:
+def _commit_branch(store, run_id: str, label: str, index: int, sources: list[str]) -> BranchRef:
     key = branch_key(run_id, label, index)
-    ckpt = BranchCheckpoint(index=index, label=label, key=key, uri=store.uri_for(key), sources=sources,
+    ckpt = BranchRef(index=index, label=label, key=key, uri=store.uri_for(key), sources=sources,
                             trained_tokens=100 + index, examples=4, steps=1, train_loss=1.0, wall_s=0.1)
     staging = store.staging_dir(key)
     (staging / "model.safetensors").write_bytes(b"x")
@@ -186,7 +186,7 @@ def fanout_env(tmp_path, monkeypatch):
                                       "run": {"branch_execution": "deployment"}})
     store = open_store(cfg.store)
     base = ModelRef(key="models/abc", uri="file:///x", sha256="abc")
-    mixture = MixtureManifest(sources=[])
+    mixture = MixtureRef(sources=[])
     calls: list[dict] = []
     outcome: dict[int, str] = {}  # index -> "ok" | "fail" | "nomanifest"
     runs: dict = {}
@@ -273,7 +273,7 @@ def test_fanout_needs_a_parent_flow_run(tmp_path):
 
     cfg = MeritConfig.model_validate({"store": {"uri": str(tmp_path / "s")}})
     with pytest.raises(BranchRunError, match="needs a Prefect flow run"):
-        run_branches_on_deployment(cfg, ModelRef(key="m", uri="u"), MixtureManifest(sources=[]), [["a"]], "r",
+        run_branches_on_deployment(cfg, ModelRef(key="m", uri="u"), MixtureRef(sources=[]), [["a"]], "r",
                                    "merit")
 
 

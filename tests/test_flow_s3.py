@@ -58,13 +58,13 @@ def s3_config(endpoint, tmp_path, tiny_model_dir, monkeypatch):
 
 KILL_SCRIPT = textwrap.dedent("""
     import json, os, signal, sys
-    from merit_core.artifacts import MixtureManifest, ModelRef
+    from merit_core.refs import MixtureRef, ModelRef
     from merit_core.config import MeritConfig
     from merit_core.pipeline.branches import train_branch
     from merit_core.store import open_store
     cfg = MeritConfig.model_validate_json(open(sys.argv[1]).read())
     base = ModelRef.model_validate_json(open(sys.argv[2]).read())
-    mixture = MixtureManifest.model_validate_json(open(sys.argv[3]).read())
+    mixture = MixtureRef.model_validate_json(open(sys.argv[3]).read())
     sources = json.loads(sys.argv[4])
     def die(path):
         if path.name == "checkpoint-2":

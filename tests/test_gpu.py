@@ -13,14 +13,13 @@ import importlib.util
 import json
 
 import numpy
-
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from merit_core.artifacts import write_examples
 from merit_core.config import MeritConfig, TrainConfig
 from merit_core.evaluate import evaluate_model
+from merit_core.refs import write_examples
 from merit_core.train import train_branch
 from tests.conftest import build_tiny_llama
 from tests.helpers import synthetic_examples, tokenize_all

@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from merit_core.artifacts import TrainStats, write_examples
 from merit_core.pipeline.base import prepare_base
 from merit_core.pipeline.branches import train_branch
 from merit_core.pipeline.mixture import load_split, resolve_mixture
+from merit_core.refs import TrainStats, write_examples
 from merit_core.store import open_store
 from merit_core.train import (
     TrainError,

@@ -9,19 +9,19 @@ import statistics
 
 import pytest
 
-from merit_core.artifacts import (
-    BranchCheckpoint,
-    ConflictReport,
-    MixtureManifest,
+from merit_core.evaluate import EvalRow, EvalTable
+from merit_core.refs import (
+    BranchRef,
+    ConflictMatrix,
+    MixtureRef,
     Partition,
     SourceInfo,
     StageTiming,
 )
-from merit_core.evaluate import EvalRow, EvalTable
 
 
-def _mixture(names=("a", "b")) -> MixtureManifest:
-    return MixtureManifest(sources=[
+def _mixture(names=("a", "b")) -> MixtureRef:
+    return MixtureRef(sources=[
         SourceInfo(name=n, kind="jsonl", content_hash=f"h{i}", key=f"k{i}", examples=10 + i, train=8 + i, heldout=2,
                    calibration=2, loss_tokens=20 * (i + 1), truncated=i, dropped=0)
         for i, n in enumerate(names)
@@ -40,13 +40,13 @@ def test_run_report_tables_by_hand(tmp_path):
     from merit_core.report import metrics_markdown, mixture_table, write_report
 
     tables = {"base": _losses(2.0, 3.0), "merit": _losses(1.5, 1.0)}
-    branch = BranchCheckpoint(index=0, label="merit", key="b0", uri="file:///b0", sources=["a", "b"],
+    branch = BranchRef(index=0, label="merit", key="b0", uri="file:///b0", sources=["a", "b"],
                               trained_tokens=1000, examples=20, steps=5, train_loss=1.23456, wall_s=12.34,
                               packed=True, real_token_fraction=0.876)
     partition = Partition(method="pca", groups=[["a"], ["b"]], weights={"a": 8, "b": 9},
                           scores=[[0.5, 0.1], [-0.5, -0.1]], explained_variance_ratio=[0.75, 0.25])
     write_report(tmp_path, run_id="r1", mixture=_mixture(), partition=partition,
-                 conflict=ConflictReport(names=["a", "b"], kind="cosine", matrix=[[1, -0.2], [-0.2, 1]]),
+                 conflict=ConflictMatrix(names=["a", "b"], kind="cosine", matrix=[[1, -0.2], [-0.2, 1]]),
                  tables=tables, branches={"merit": [branch]}, timings=[StageTiming(stage="train", seconds=3.5)])
     md = (tmp_path / "report.md").read_text()
     lines = md.splitlines()
@@ -98,7 +98,7 @@ def _study_inputs():
     return {
         "study_id": "s1", "config": MeritConfig.model_validate({"split": {"r": 1}}),
         "seeds": [Seed(i, i, 10 + i) for i in range(3)], "mixture": _mixture(), "suite": suite,
-        "conflict": ConflictReport(names=["a", "b"], kind="cosine", matrix=[[1, -0.2], [-0.2, 1]]),
+        "conflict": ConflictMatrix(names=["a", "b"], kind="cosine", matrix=[[1, -0.2], [-0.2, 1]]),
         "partitions": {1: partition},
         "random_partitions": {"0/r1": Partition(method="random", groups=[["b"], ["a"]], weights={})},
         "results": results, "environments": {0: {"device": "cpu", "torch": "2.5"}},

@@ -7,9 +7,15 @@ import json
 import numpy as np
 import pytest
 
-from merit_core.artifacts import Partition
 from merit_core.config import SplitConfig
-from merit_core.split import SplitResult, kmeans_split, pca_split, random_split, split_sources
+from merit_core.refs import Partition
+from merit_core.split import (
+    SplitResult,
+    kmeans_split,
+    pca_split,
+    random_split,
+    split_sources,
+)
 
 
 def random_cosine(rng: np.random.Generator, t: int, d: int = 40, rank: int | None = None) -> np.ndarray:

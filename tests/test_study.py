@@ -321,8 +321,13 @@ def test_study_flow_tiny(harness, tmp_path, tiny_model_dir, monkeypatch):
         assert r.trained_tokens == flow[label]["trained_tokens"]
 
     # Seed records in a results folder rebuild the report (merit study-report), from any sessions.
-    from merit_core.pipeline.study import StudyRecordError, combine, read_records, write_record
     from merit_core.pipeline.reports import load_seed_records
+    from merit_core.pipeline.study import (
+        StudyRecordError,
+        combine,
+        read_records,
+        write_record,
+    )
     from merit_core.report import write_study_report
 
     folder = tmp_path / "results"
@@ -341,22 +346,22 @@ def test_study_flow_tiny(harness, tmp_path, tiny_model_dir, monkeypatch):
 
 
 def test_run_report_has_a_benchmark_section(tmp_path):
-    from merit_core.artifacts import (
-        ConflictReport,
-        MixtureManifest,
+    from merit_core.evaluate import EvalRow, EvalTable
+    from merit_core.refs import (
+        ConflictMatrix,
+        MixtureRef,
         Partition,
         SourceInfo,
     )
-    from merit_core.evaluate import EvalRow, EvalTable
     from merit_core.report import write_report
 
     info = {"kind": "jsonl", "content_hash": "h", "key": "k", "examples": 10, "train": 8, "heldout": 2, "calibration": 2, "loss_tokens": 20}
-    mixture = MixtureManifest(sources=[SourceInfo(name=n, **info) for n in ("a", "b")])
+    mixture = MixtureRef(sources=[SourceInfo(name=n, **info) for n in ("a", "b")])
     held = EvalTable.from_rows([EvalRow(source="a", n=2, loss=1.0), EvalRow(source="b", n=2, loss=2.0)]).model_dump()
     bench = EvalTable.from_rows([EvalRow(source="strategyqa", n=4, n_mc=4, loss=1.0, mc_accuracy=0.75,
                                          mc_accuracy_norm=0.5)]).model_dump()
     data = write_report(tmp_path, run_id="r", mixture=mixture,
-                        conflict=ConflictReport(names=["a", "b"], kind="cosine", matrix=[[1, 0.1], [0.1, 1]]),
+                        conflict=ConflictMatrix(names=["a", "b"], kind="cosine", matrix=[[1, 0.1], [0.1, 1]]),
                         partition=Partition(method="pca", groups=[["a"], ["b"]], weights={"a": 8, "b": 8}),
                         tables={"base": held}, branches={}, timings=[], benchmarks={"base": bench})
     md = (tmp_path / "report.md").read_text()

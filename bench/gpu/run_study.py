@@ -55,10 +55,16 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
-    from merit_core.artifacts import MixtureManifest
     from merit_core.benchmarks import BenchmarkSuite
     from merit_core.config import load_config
-    from merit_core.pipeline.study import combine, plain_ops, read_records, run_study, write_record
+    from merit_core.pipeline.study import (
+        combine,
+        plain_ops,
+        read_records,
+        run_study,
+        write_record,
+    )
+    from merit_core.refs import MixtureRef
     from merit_core.report import write_study_report
     from merit_core.store import open_store
     from merit_core.study import check_study_config, seeds
@@ -69,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
                                     *args.overrides])
     check_study_config(cfg)
     prepared = json.loads((bundle / "prepared.json").read_text())
-    mixture = MixtureManifest.model_validate(prepared["mixture"])
+    mixture = MixtureRef.model_validate(prepared["mixture"])
     suite = BenchmarkSuite.model_validate(prepared["suite"])
     if [s.name for s in mixture.sources] != [s.name for s in cfg.data.sources]:
         raise SystemExit(f"{bundle / 'prepared.json'} was prepared for other sources than {args.config}: "

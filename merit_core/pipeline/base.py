@@ -5,10 +5,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from merit_core.artifacts import ModelRef
 from merit_core.config import MeritConfig
 from merit_core.models import model_sha256, resolve_model_source
 from merit_core.pipeline.layout import base_model_key
+from merit_core.refs import ModelRef
 from merit_core.store import ArtifactStore, default_cache_dir
 
 

@@ -9,12 +9,6 @@ import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from merit_core.artifacts import (
-    BranchCheckpoint,
-    MixtureManifest,
-    ModelRef,
-    write_examples,
-)
 from merit_core.config import MeritConfig
 from merit_core.data.types import TokenizedExample
 from merit_core.pipeline.layout import (
@@ -23,6 +17,12 @@ from merit_core.pipeline.layout import (
     work_dir_name,
 )
 from merit_core.pipeline.mixture import load_split
+from merit_core.refs import (
+    BranchRef,
+    MixtureRef,
+    ModelRef,
+    write_examples,
+)
 from merit_core.store import ArtifactStore, StoreError, default_cache_dir
 from merit_core.train import check_train_setup, resolve_nproc, run_distributed_branch
 from merit_core.train import train_branch as run_trainer
@@ -34,9 +34,9 @@ class BranchStoreError(StoreError):
     """A branch that should be finished has no complete, matching directory in the store."""
 
 
-def train_branch(cfg: MeritConfig, store: ArtifactStore, base: ModelRef, mixture: MixtureManifest,
+def train_branch(cfg: MeritConfig, store: ArtifactStore, base: ModelRef, mixture: MixtureRef,
                  sources: Sequence[str], run_id: str, label: str, index: int,
-                 after_checkpoint: Callable[[Path], None] | None = None) -> BranchCheckpoint:
+                 after_checkpoint: Callable[[Path], None] | None = None) -> BranchRef:
     """Fine-tune θ(0) on the union of ``sources`` and commit θ_k to
     ``runs/<run-id>/<label>/branches/<index>/`` (returned as-is if already complete).
 
@@ -83,7 +83,7 @@ def train_branch(cfg: MeritConfig, store: ArtifactStore, base: ModelRef, mixture
     else:
         stats = run_trainer(base_dir, examples, out, cfg.train, checkpoint_dir=ckpt_dir,
                             dtype=cfg.model.dtype, on_checkpoint=upload)
-    ref = BranchCheckpoint(index=index, label=label, key=key, uri=store.uri_for(key), sources=sorted(sources),
+    ref = BranchRef(index=index, label=label, key=key, uri=store.uri_for(key), sources=sorted(sources),
                            **stats.model_dump())
     store.commit_dir(key, out, metadata={"kind": "branch", "branch": ref.model_dump()})
     store.delete_prefix(ckpt_prefix)
@@ -92,7 +92,7 @@ def train_branch(cfg: MeritConfig, store: ArtifactStore, base: ModelRef, mixture
     return ref
 
 
-def _log_branch(ref: BranchCheckpoint) -> None:
+def _log_branch(ref: BranchRef) -> None:
     logger.info("branch %s/%d: %d sources, %d examples, %d steps, N_k = %d tokens, train loss %.3f, %.1f s, "
                 "%s real tokens%s", ref.label, ref.index, len(ref.sources), ref.examples, ref.steps,
                 ref.trained_tokens, ref.train_loss, ref.wall_s, "–" if ref.real_token_fraction is None else
@@ -112,13 +112,13 @@ def _restore_newest_checkpoint(store: ArtifactStore, prefix: str, ckpt_dir: Path
     logger.info("restored training checkpoint %s for resume", newest)
 
 
-def read_branch(store: ArtifactStore, key: str) -> BranchCheckpoint:
-    """The BranchCheckpoint recorded in the manifest of a complete branch directory."""
-    return BranchCheckpoint.model_validate(store.get_json(f"{key}/manifest.json")["metadata"]["branch"])
+def read_branch(store: ArtifactStore, key: str) -> BranchRef:
+    """The BranchRef recorded in the manifest of a complete branch directory."""
+    return BranchRef.model_validate(store.get_json(f"{key}/manifest.json")["metadata"]["branch"])
 
 
 def collect_branches(store: ArtifactStore, run_id: str, label: str,
-                     groups: Sequence[Sequence[str]]) -> list[BranchCheckpoint]:
+                     groups: Sequence[Sequence[str]]) -> list[BranchRef]:
     """The finished branches of a partition, in group order, read from the store (how a
     parent learns what branches trained elsewhere produced).
 

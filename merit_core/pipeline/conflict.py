@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 
-from merit_core.artifacts import ConflictReport, ModelRef, SketchRef, SourceInfo
 from merit_core.batching import batches
 from merit_core.config import MeritConfig
 from merit_core.conflict import conflict_matrix, make_sketcher
@@ -20,6 +19,7 @@ from merit_core.models import load_model
 from merit_core.pipeline.layout import sketch_key
 from merit_core.pipeline.mixture import load_split
 from merit_core.precision import default_device, resolve_bf16
+from merit_core.refs import ConflictMatrix, ModelRef, SketchRef, SourceInfo
 from merit_core.store import ArtifactStore
 
 logger = logging.getLogger("merit")
@@ -75,9 +75,9 @@ def load_sketch(store: ArtifactStore, key: str) -> np.ndarray:
         return np.load(store.get_file(key, Path(tmp) / "sketch.npy"), allow_pickle=False)
 
 
-def build_conflict_matrix(cfg: MeritConfig, store: ArtifactStore, sketches: Sequence[SketchRef]) -> ConflictReport:
+def build_conflict_matrix(cfg: MeritConfig, store: ArtifactStore, sketches: Sequence[SketchRef]) -> ConflictMatrix:
     """The T×T conflict matrix C of the stored sketches, in their order (cosine by
     default, ``cfg.conflict.kind``)."""
     G = np.stack([load_sketch(store, s.key) for s in sketches])
     C = conflict_matrix(G, kind=cfg.conflict.kind)
-    return ConflictReport(names=[s.source for s in sketches], kind=cfg.conflict.kind, matrix=C.tolist())
+    return ConflictMatrix(names=[s.source for s in sketches], kind=cfg.conflict.kind, matrix=C.tolist())

@@ -8,12 +8,6 @@ import logging
 import time
 from pathlib import Path
 
-from merit_core.artifacts import (
-    MixtureManifest,
-    ModelRef,
-    read_examples,
-    write_examples,
-)
 from merit_core.benchmarks import (
     BenchmarkInfo,
     BenchmarkSuite,
@@ -28,12 +22,18 @@ from merit_core.pipeline.base import load_base_tokenizer
 from merit_core.pipeline.layout import benchmark_key
 from merit_core.pipeline.mixture import load_split
 from merit_core.precision import default_device, resolve_bf16
+from merit_core.refs import (
+    MixtureRef,
+    ModelRef,
+    read_examples,
+    write_examples,
+)
 from merit_core.store import ArtifactStore
 
 logger = logging.getLogger("merit")
 
 
-def evaluate_model(cfg: MeritConfig, store: ArtifactStore, model: ModelRef, mixture: MixtureManifest) -> dict:
+def evaluate_model(cfg: MeritConfig, store: ArtifactStore, model: ModelRef, mixture: MixtureRef) -> dict:
     """Held-out metrics of one stored model on every source of the mixture.
 
     Returns:
@@ -45,7 +45,7 @@ def evaluate_model(cfg: MeritConfig, store: ArtifactStore, model: ModelRef, mixt
     return table.model_dump()
 
 
-def evaluate_model_dir(cfg: MeritConfig, store: ArtifactStore, model_dir: str | Path, mixture: MixtureManifest,
+def evaluate_model_dir(cfg: MeritConfig, store: ArtifactStore, model_dir: str | Path, mixture: MixtureRef,
                        name: str | None = None) -> EvalTable:
     """:func:`merit_core.evaluate.evaluate_dir` of a local model directory on the
     mixture's held-out splits, with the ``eval`` settings of ``cfg``."""

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from merit_core.artifacts import BranchCheckpoint, ModelRef
 from merit_core.config import MeritConfig
 from merit_core.merge import merge_checkpoints
 from merit_core.pipeline.layout import merged_key
+from merit_core.refs import BranchRef, ModelRef
 from merit_core.store import ArtifactStore
 
 
-def merge_branches(cfg: MeritConfig, store: ArtifactStore, base: ModelRef, branches: Sequence[BranchCheckpoint],
+def merge_branches(cfg: MeritConfig, store: ArtifactStore, base: ModelRef, branches: Sequence[BranchRef],
           run_id: str, label: str) -> ModelRef:
     """Merge ``branches`` with ``cfg.merge`` and commit the result to
     ``runs/<run-id>/<label>/merged`` (returned as-is if already complete).

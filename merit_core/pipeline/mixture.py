@@ -3,29 +3,29 @@ calibration examples and stored under ``data/<content-hash>/``."""
 
 from __future__ import annotations
 
-from merit_core.artifacts import (
-    MixtureManifest,
-    ModelRef,
-    SourceInfo,
-    read_examples,
-    write_examples,
-)
 from merit_core.config import MeritConfig
 from merit_core.data import resolve_mixture as load_mixture
 from merit_core.data.types import TokenizedExample
 from merit_core.pipeline.base import load_base_tokenizer
 from merit_core.pipeline.layout import source_data_key
+from merit_core.refs import (
+    MixtureRef,
+    ModelRef,
+    SourceInfo,
+    read_examples,
+    write_examples,
+)
 from merit_core.store import ArtifactStore
 
 SPLITS = ("train", "heldout", "calibration")
 
 
-def resolve_mixture(cfg: MeritConfig, store: ArtifactStore, base: ModelRef) -> MixtureManifest:
+def resolve_mixture(cfg: MeritConfig, store: ArtifactStore, base: ModelRef) -> MixtureRef:
     """Load, tokenize and split every source of ``cfg.data`` with θ(0)'s tokenizer; commit
     each source's splits (train.jsonl, heldout.jsonl, calibration.jsonl) unless stored.
 
     Returns:
-        MixtureManifest: per source its content hash, store key and example/token counts.
+        MixtureRef: per source its content hash, store key and example/token counts.
 
     Raises:
         merit_core.data.errors.DataError: a source cannot be read (the message names it).
@@ -49,7 +49,7 @@ def resolve_mixture(cfg: MeritConfig, store: ArtifactStore, base: ModelRef) -> M
             loss_tokens=st.loss_tokens, truncated=st.truncated, dropped=st.dropped,
             has_options=any(e.example is not None and e.example.options for e in sd.heldout),
         ))
-    return MixtureManifest(sources=infos)
+    return MixtureRef(sources=infos)
 
 
 def load_split(store: ArtifactStore, source: SourceInfo, split: str) -> list[TokenizedExample]:

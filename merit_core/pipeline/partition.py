@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from merit_core.artifacts import ConflictReport, MixtureManifest, Partition
 from merit_core.config import MeritConfig
+from merit_core.refs import ConflictMatrix, MixtureRef, Partition
 from merit_core.split import split_sources
 
 
-def partition_sources(cfg: MeritConfig, report: ConflictReport, mixture: MixtureManifest,
+def partition_sources(cfg: MeritConfig, report: ConflictMatrix, mixture: MixtureRef,
           strategy: str | None = None, seed: int | None = None) -> Partition:
     """Partition the sources of ``report`` into K = 2^r groups by ``strategy`` (default
     ``cfg.split.strategy``; ``random`` for the random-split baseline) and ``seed``.

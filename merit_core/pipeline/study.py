@@ -34,16 +34,16 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from merit_core.artifacts import (
-    BranchCheckpoint,
-    ConflictReport,
-    MixtureManifest,
+from merit_core.benchmarks import BenchmarkSuite
+from merit_core.config import MeritConfig
+from merit_core.refs import (
+    BranchRef,
+    ConflictMatrix,
+    MixtureRef,
     ModelRef,
     Partition,
     StageTiming,
 )
-from merit_core.benchmarks import BenchmarkSuite
-from merit_core.config import MeritConfig
 from merit_core.store import ArtifactStore
 from merit_core.study import (
     ModelResult,
@@ -62,16 +62,16 @@ logger = logging.getLogger("merit")
 class StudyOps:
     """The stage calls of a study: the :mod:`merit_core.pipeline` stage functions with the
     store already bound (``fn(config, ...)``; ``displacement(config, base, models)``), and
-    ``run_branches(config, base, mixture, groups, run_id, label) -> list[BranchCheckpoint]``
+    ``run_branches(config, base, mixture, groups, run_id, label) -> list[BranchRef]``
     (one branch per group, however the executor runs them)."""
 
     prepare_base: Callable[..., ModelRef]
-    resolve_mixture: Callable[..., MixtureManifest]
+    resolve_mixture: Callable[..., MixtureRef]
     resolve_benchmarks: Callable[..., BenchmarkSuite]
     source_gradient: Callable[..., Any]
-    conflict: Callable[..., ConflictReport]
+    conflict: Callable[..., ConflictMatrix]
     split: Callable[..., Partition]
-    run_branches: Callable[..., list[BranchCheckpoint]]
+    run_branches: Callable[..., list[BranchRef]]
     merge: Callable[..., ModelRef]
     evaluate: Callable[..., dict]
     evaluate_benchmarks: Callable[..., dict | None]
@@ -147,9 +147,9 @@ class SeedRecord(BaseModel):
     study_id: str
     config: dict = Field(description="MeritConfig of the run (JSON).")
     seed: dict = Field(description="index, train_seed, split_seed.")
-    mixture: MixtureManifest
+    mixture: MixtureRef
     suite: BenchmarkSuite
-    conflict: ConflictReport
+    conflict: ConflictMatrix
     partitions: dict[int, Partition]
     random_partitions: dict[str, Partition]
     results: list[ModelResult] = Field(description="This seed's models, and θ(0) (seed None) as evaluated here.")

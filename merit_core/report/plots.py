@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from merit_core.artifacts import ConflictReport, Partition
+from merit_core.refs import ConflictMatrix, Partition
 
 HEATMAP = "conflict_matrix.png"
 PCA_PLOT = "pca_groups.png"
@@ -27,7 +27,7 @@ def _pyplot():
     return plt
 
 
-def plot_conflict(report: ConflictReport, path: str | Path) -> Path:
+def plot_conflict(report: ConflictMatrix, path: str | Path) -> Path:
     """Heat map of the T×T conflict matrix (cosine similarities of g̃_t) as a PNG.
 
     The colour scale is symmetric around 0 (±max |C_ij|). Returns ``path``.
@@ -48,7 +48,7 @@ def plot_conflict(report: ConflictReport, path: str | Path) -> Path:
     return Path(path)
 
 
-def plot_pca(report: ConflictReport, partition: Partition, path: str | Path) -> Path | None:
+def plot_pca(report: ConflictMatrix, partition: Partition, path: str | Path) -> Path | None:
     """Sources in the first two PCA coordinates of C, coloured by MERIT group (PNG).
 
     ``partition.scores``: T rows of r PCA scores, in ``report.names`` order; with r = 1 the

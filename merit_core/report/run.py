@@ -9,10 +9,10 @@ import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from merit_core.artifacts import (
-    BranchCheckpoint,
-    ConflictReport,
-    MixtureManifest,
+from merit_core.refs import (
+    BranchRef,
+    ConflictMatrix,
+    MixtureRef,
     Partition,
     StageTiming,
 )
@@ -70,7 +70,7 @@ def metrics_markdown(tables: Mapping[str, dict]) -> str:
     return str(macro("metric_sections")(_sections(tables, HELDOUT_METRICS)))
 
 
-def mixture_table(mixture: MixtureManifest) -> str:
+def mixture_table(mixture: MixtureRef) -> str:
     """Markdown table of the mixture: per source its kind and example, split, loss-token,
     truncated and dropped counts."""
     return str(macro("mixture_table")(mixture))
@@ -80,11 +80,11 @@ def write_report(
     out_dir: str | Path,
     *,
     run_id: str,
-    mixture: MixtureManifest,
-    conflict: ConflictReport,
+    mixture: MixtureRef,
+    conflict: ConflictMatrix,
     partition: Partition,
     tables: Mapping[str, dict],
-    branches: Mapping[str, Sequence[BranchCheckpoint]],
+    branches: Mapping[str, Sequence[BranchRef]],
     timings: Sequence[StageTiming],
     extra: Mapping | None = None,
     benchmarks: Mapping[str, dict] | None = None,

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from merit_core.artifacts import ConflictReport, MixtureManifest, Partition, StageTiming
 from merit_core.benchmarks import BENCH_AVG, BenchmarkSuite
 from merit_core.config import MeritConfig
+from merit_core.refs import ConflictMatrix, MixtureRef, Partition, StageTiming
 from merit_core.report.plots import (
     BENCH_PLOT,
     HEATMAP,
@@ -59,7 +59,7 @@ def _clean(obj):
     return obj
 
 
-def conflict_structure_of(conflict: ConflictReport, partitions: Mapping[int, Partition],
+def conflict_structure_of(conflict: ConflictMatrix, partitions: Mapping[int, Partition],
                           n_random: int = 1000) -> dict:
     """:func:`merit_core.split.conflict_structure` of the study's C and PCA partitions
     (source weights as the split balanced them; 1 per source without a partition)."""
@@ -124,7 +124,7 @@ def _benchmark_section(out: Path, suite: BenchmarkSuite, labels: Sequence[str], 
 
 
 def _heldout_section(out: Path, results: Sequence[ModelResult], labels: Sequence[str],
-                     mixture: MixtureManifest) -> list[tuple[str, list[tuple[float, float]]]]:
+                     mixture: MixtureRef) -> list[tuple[str, list[tuple[float, float]]]]:
     """Plot the per-source held-out loss bars; the table rows (source, (mean, std) per model)."""
     bars: dict[str, dict[str, tuple[float, float]]] = {}
     for label in labels:
@@ -141,7 +141,7 @@ def _heldout_section(out: Path, results: Sequence[ModelResult], labels: Sequence
     return [(s, [bars[label].get(s, nan) for label in labels]) for s in mixture.names]
 
 
-def _partition_section(out: Path, conflict: ConflictReport, partitions: Mapping[int, Partition]) -> list[dict]:
+def _partition_section(out: Path, conflict: ConflictMatrix, partitions: Mapping[int, Partition]) -> list[dict]:
     """Plot the heat map and one PCA scatter per r; [{r, partition, png name or None}]."""
     plot_conflict(conflict, out / HEATMAP)
     rows = []
@@ -151,8 +151,8 @@ def _partition_section(out: Path, conflict: ConflictReport, partitions: Mapping[
     return rows
 
 
-def _markdown(out: Path, *, study_id: str, config: MeritConfig, seeds: Sequence[Seed], mixture: MixtureManifest,
-              suite: BenchmarkSuite, conflict: ConflictReport, partitions: Mapping[int, Partition],
+def _markdown(out: Path, *, study_id: str, config: MeritConfig, seeds: Sequence[Seed], mixture: MixtureRef,
+              suite: BenchmarkSuite, conflict: ConflictMatrix, partitions: Mapping[int, Partition],
               random_partitions: Mapping[str, Partition], results: Sequence[ModelResult],
               timings: Sequence[StageTiming], environments: Mapping[int, dict] | None, metrics: Sequence[Metric],
               summary: dict, structure: dict, budget: Mapping[str, dict]) -> str:
@@ -188,9 +188,9 @@ def write_study_report(
     study_id: str,
     config: MeritConfig,
     seeds: Sequence[Seed],
-    mixture: MixtureManifest,
+    mixture: MixtureRef,
     suite: BenchmarkSuite,
-    conflict: ConflictReport,
+    conflict: ConflictMatrix,
     partitions: Mapping[int, Partition],
     random_partitions: Mapping[str, Partition],
     results: Sequence[ModelResult],

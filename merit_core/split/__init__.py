@@ -14,7 +14,7 @@ train/held-out/calibration split of one source's examples (:mod:`merit_core.data
 
 Every partition function returns a :class:`SplitResult` (:mod:`.result`: source
 indices, numpy arrays); :meth:`SplitResult.partition` names the sources and gives the
-:class:`~merit_core.artifacts.Partition` that stages exchange and store.
+:class:`~merit_core.refs.Partition` that stages exchange and store.
 
 Weights are per-source sizes: examples (``split.balance = "samples"``, the default)
 or loss tokens (``"tokens"``); the caller passes whichever it wants balanced.

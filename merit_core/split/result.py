@@ -2,7 +2,7 @@
 
 :class:`SplitResult` works with source indices and numpy arrays (what the maths
 needs); :meth:`SplitResult.partition` turns it into the
-:class:`~merit_core.artifacts.Partition` (source names, JSON) that stages exchange
+:class:`~merit_core.refs.Partition` (source names, JSON) that stages exchange
 and the store and reports hold. Partition is the only serialised partition type.
 """
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from merit_core.artifacts import Partition
+from merit_core.refs import Partition
 
 
 @dataclass(frozen=True, eq=False)
@@ -55,7 +55,7 @@ class SplitResult:
         """The partition with sources named: ``names[i]`` is source i (row i of C).
 
         Returns:
-            :class:`~merit_core.artifacts.Partition` with groups of names, ``weights``
+            :class:`~merit_core.refs.Partition` with groups of names, ``weights``
             name -> weight (in ``names`` order) and the scores as nested lists.
 
         Raises:

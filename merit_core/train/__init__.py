@@ -2,7 +2,7 @@
 (:mod:`.trainer`), on one process or on several under torch's elastic launcher
 (:mod:`.launch`), with the setting checks and errors both share (:mod:`.checks`)."""
 
-from merit_core.artifacts import TrainStats
+from merit_core.refs import TrainStats
 from merit_core.train.checks import TrainError, TrainSetupError, check_train_setup
 from merit_core.train.launch import (
     RankSetupFailure,

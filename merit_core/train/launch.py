@@ -26,8 +26,8 @@ from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-from merit_core.artifacts import TrainStats, read_examples
 from merit_core.config import TrainConfig
+from merit_core.refs import TrainStats, read_examples
 from merit_core.train.checks import TrainError, TrainSetupError
 from merit_core.train.trainer import train_branch
 
@@ -62,7 +62,7 @@ def run_distributed_branch(base_dir: str | os.PathLike, examples: str | os.PathL
     Args:
         base_dir: HF directory of θ(0).
         examples: JSON Lines of the branch's TokenizedExamples
-            (:func:`merit_core.artifacts.write_examples`); every rank reads it.
+            (:func:`merit_core.refs.write_examples`); every rank reads it.
         output_dir: where rank 0 writes θ_k (HF directory).
         cfg: the branch hyper-parameters.
         nproc: processes on this node (``nproc_per_node``), ≥ 1 (1 for DeepSpeed on one GPU).

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from merit_core.artifacts import TrainStats
 from merit_core.batching import PackedCollator, packing_supported
 from merit_core.config import TrainConfig
 from merit_core.data.types import TokenizedExample
 from merit_core.precision import resolve_bf16
+from merit_core.refs import TrainStats
 from merit_core.train.checks import TrainSetupError, check_train_setup
 
 logger = logging.getLogger(__name__)

@@ -40,7 +40,7 @@ class SourceInfo(BaseModel):
     has_options: bool = False
 
 
-class MixtureManifest(BaseModel):
+class MixtureRef(BaseModel):
     """The resolved training mixture (spec: T sources with n_t examples each)."""
 
     sources: list[SourceInfo]
@@ -65,7 +65,7 @@ class SketchRef(BaseModel):
     cached: bool = False
 
 
-class ConflictReport(BaseModel):
+class ConflictMatrix(BaseModel):
     """The T×T conflict matrix C (spec step 1) in source order ``names``."""
 
     names: list[str]
@@ -112,7 +112,7 @@ class TrainStats(BaseModel):
         None, description="Example tokens / all trained positions (padding excluded), rank 0's batches.")
 
 
-class BranchCheckpoint(TrainStats):
+class BranchRef(TrainStats):
     """One finished branch θ_k: where it lives, its sources, and its :class:`TrainStats`
     (N_k for the token-weighted merge)."""
 
