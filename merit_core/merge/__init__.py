@@ -44,7 +44,7 @@ from merit_core.merge.registry import (
     register,
 )
 
-__all__ = ["MERGE_METHODS", "MergeError", "MergeMethod", "merge_checkpoints", "register"]
+__all__ = ["MERGE_METHODS", "MergeError", "MergeMethod", "get_method", "merge_checkpoints", "register"]
 
 log = logging.getLogger(__name__)
 

@@ -156,13 +156,14 @@ def register(name: str, *, needs_base: bool = False, weights: WeightPolicy = "gi
     """
     if weights not in get_args(WeightPolicy):
         raise ValueError(f"merge operator {name!r}: weights must be one of {get_args(WeightPolicy)}, got {weights!r}")
-    others = {hp.name: (m.name, hp) for m in MERGE_METHODS.values() if m.name != name for hp in m.hyperparams}
     for hp in hyperparams:
         if hp.name in _RESERVED:
             raise ValueError(f"merge operator {name!r}: hyper-parameter name {hp.name!r} is reserved")
-        if hp.name in others and others[hp.name][1] != hp:
-            raise ValueError(f"merge operator {name!r}: hyper-parameter {hp.name!r} is declared differently by "
-                             f"operator {others[hp.name][0]!r} ({others[hp.name][1]}); reuse that declaration")
+        for other in MERGE_METHODS.values():
+            theirs = next((h for h in other.hyperparams if h.name == hp.name), None)
+            if other.name != name and theirs is not None and theirs != hp:
+                raise ValueError(f"merge operator {name!r}: hyper-parameter {hp.name!r} is declared differently by "
+                                 f"operator {other.name!r} ({theirs}); reuse that declaration")
 
     def deco(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         MERGE_METHODS[name] = MergeMethod(name, fn, needs_base, weights, tuple(hyperparams))
