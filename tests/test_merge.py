@@ -372,8 +372,9 @@ def test_config_refuses_unknown_method_and_bad_hyperparameters(override, pattern
     "kw, pattern",
     [
         ({"density": 0}, r"density must be > 0 and ≤ 1, got 0"),
-        ({"scale": float("inf")}, r"scale must be a finite float"),
-        ({"seed": 0.5}, r"seed must be a finite int"),
+        ({"scale": float("inf")}, r"scale must be a finite number, got inf"),
+        ({"seed": 0.5}, r"seed must be an integer, got 0.5"),
+        ({"density": "0.3"}, r"density must be a float"),
         ({"gamma": 0.1}, r"unknown merge hyper-parameter 'gamma'"),
     ],
 )

@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from merit_core.merge import registry
+from merit_core.merge.io import MergeError
 
 
 def _hyperparameter(name: str) -> Any:
@@ -46,6 +47,6 @@ class MergeConfig(BaseModel):
         for name, value in (self.model_extra or {}).items():
             try:
                 self.model_extra[name] = registry.hyperparameter(name).check(value)
-            except registry.MergeError as e:
+            except MergeError as e:
                 raise ValueError(f"merge.{name}: {e}") from None
         return self

@@ -69,7 +69,8 @@ class HyperParam:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise MergeError(f"{self.name} must be a {self.type.__name__}, got {value!r}")
         if not math.isfinite(value) or (self.type is int and value != int(value)):
-            raise MergeError(f"{self.name} must be a finite {self.type.__name__}, got {value!r}")
+            kind = "an integer" if self.type is int else "a finite number"
+            raise MergeError(f"{self.name} must be {kind}, got {value!r}")
         v = self.type(value)
         inside = ((self.gt is None or v > self.gt) and (self.ge is None or v >= self.ge)
                   and (self.lt is None or v < self.lt) and (self.le is None or v <= self.le))
