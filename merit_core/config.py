@@ -13,6 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from merit_core.merge.config import MergeConfig
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -168,16 +170,6 @@ class TrainConfig(_Strict):
             raise ValueError(f"train.batch_size={self.batch_size} is not divisible by "
                              f"train.nproc_per_node={self.nproc_per_node} (the global batch is split evenly)")
         return self
-
-
-class MergeConfig(_Strict):
-    """The one-shot merge (spec step 5)."""
-
-    method: Literal["token_weighted", "uniform", "task_arithmetic", "ties", "dare"] = "token_weighted"
-    scale: float = Field(1.0, gt=0, description="task_arithmetic / ties / dare scaling λ.")
-    density: float = Field(0.2, gt=0, le=1, description="ties / dare kept fraction.")
-    seed: int = 0
-    max_shard_size: str = "2GB"
 
 
 class EvalConfig(_Strict):
@@ -339,10 +331,6 @@ class ConfigError(ValueError):
     """A config file or override is invalid; the message names the file and field."""
 
 
-def _parse_value(text: str) -> Any:
-    return yaml.safe_load(text)
-
-
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a nested dict in place.
 
@@ -359,7 +347,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {p!r} is not a section")
-        node[parts[-1]] = _parse_value(value)
+        node[parts[-1]] = yaml.safe_load(value)
     return raw
 
 

@@ -12,13 +12,13 @@ from merit_core.batching import mean_response_loss
 from merit_core.data.format import prompt_ids, response_ids
 from merit_core.data.types import IGNORE_INDEX, Example, TokenizedExample
 from merit_core.diagnostics import (
-    CheckpointReader,
     contraction,
     displacement_norms,
     lmc_barrier,
     merge_gain,
     noise_flatness,
 )
+from merit_core.merge.io import Checkpoint
 from tests.conftest import build_tiny_llama
 
 PAD = 2
@@ -83,7 +83,7 @@ def checkpoints(tmp_path, vocab):
         m.save_pretrained(d, max_shard_size="40KB" if i == 1 else "5GB")
         dirs[f"b{i}"] = d
     assert (dirs["b1"] / "model.safetensors.index.json").is_file()
-    assert "lm_head.weight" not in CheckpointReader(dirs["base"]).names  # tied: not stored
+    assert "lm_head.weight" not in Checkpoint(dirs["base"]).names  # tied: not stored
     return base, branches, dirs
 
 
@@ -100,10 +100,16 @@ def test_displacement_norms_match_state_dicts(checkpoints):
 def test_block_streaming_equals_whole_tensors(checkpoints, monkeypatch):
     base, branches, dirs = checkpoints
     whole = displacement_norms(dirs["base"], {"b": dirs["b0"]})
-    import merit_core.diagnostics as diag
+    import merit_core.merge.io as io
 
-    monkeypatch.setattr(diag, "_CHUNK_ELEMENTS", 7)  # many row blocks per tensor
-    blocks = diag.displacement_norms(dirs["base"], {"b": dirs["b0"]})
+    monkeypatch.setattr(io, "BLOCK_ELEMENTS", 7)  # many row blocks per tensor
+    reader = Checkpoint(dirs["b1"])  # sharded
+    for name in reader.names:
+        parts = list(reader.blocks(name))
+        assert all(p.dtype == torch.float64 for p in parts)
+        assert torch.equal(torch.cat(parts), reader.read(name).to(torch.float64))
+    assert len(list(reader.blocks("model.embed_tokens.weight"))) == reader.shape("model.embed_tokens.weight")[0]
+    blocks = displacement_norms(dirs["base"], {"b": dirs["b0"]})
     assert blocks["b"] == pytest.approx(whole["b"], rel=1e-12)
 
 
@@ -181,7 +187,7 @@ def test_untied_lm_head_is_counted(tmp_path, vocab):
     branch = perturbed(vocab, seed=4, scale=0.02, tie=False)
     base.save_pretrained(tmp_path / "base")
     branch.save_pretrained(tmp_path / "branch")
-    assert "lm_head.weight" in CheckpointReader(tmp_path / "base").names
+    assert "lm_head.weight" in Checkpoint(tmp_path / "base").names
     expected = float(torch.linalg.vector_norm(flat_params(branch) - flat_params(base)))
     assert displacement_norms(tmp_path / "base", {"b": tmp_path / "branch"})["b"] == pytest.approx(expected, rel=1e-12)
     assert json.loads((tmp_path / "branch" / "config.json").read_text())["tie_word_embeddings"] is False

@@ -19,6 +19,7 @@ from merit_core.store.manifest import is_complete, verify_manifest
 from merit_core.merge import MERGE_METHODS, MergeError, merge_checkpoints, register
 from merit_core.merge import dare, ties
 from merit_core.merge.io import Checkpoint
+from merit_core.merge.registry import HyperParam
 
 TOKENS = [100, 250, 50, 600]
 
@@ -299,6 +300,101 @@ def test_register_adds_an_operator(make_inputs, tmp_path):
         assert all(torch.equal(a[n], b[n]) for n in a)
     finally:
         MERGE_METHODS.pop("first_only")
+
+
+def test_builtin_operators_declare_base_weights_and_hyperparameters():
+    declared = {name: (m.needs_base, m.weights, [hp.name for hp in m.hyperparams]) for name, m in MERGE_METHODS.items()}
+    assert declared == {
+        "token_weighted": (False, "tokens", []),
+        "uniform": (False, "uniform", []),
+        "task_arithmetic": (True, "given", ["scale"]),
+        "ties": (True, "given", ["scale", "density"]),
+        "dare": (True, "given", ["scale", "density", "seed"]),
+    }
+    from merit_core.config import MergeConfig
+
+    assert MergeConfig().model_dump() == {"method": "token_weighted", "scale": 1.0, "density": 0.2, "seed": 0,
+                                          "max_shard_size": "2GB"}
+
+
+GAMMA = HyperParam("gamma", float, 0.5, "fraction of the first task vector kept", ge=0, le=1)
+
+
+def test_registered_operator_is_reachable_from_config(make_inputs, base_dir, tmp_path):
+    from merit_core.config import ConfigError, load_config
+
+    @register("first_task_vector", needs_base=True, hyperparams=(GAMMA,))
+    def first_task_vector(tensors, weights, base=None, *, gamma, **kw):
+        return base + gamma * (tensors[0] - base)
+
+    try:
+        cfg = load_config(overrides=["merge.method=first_task_vector", "merge.gamma=0.25"])
+        assert cfg.merge.method == "first_task_vector" and cfg.merge.gamma == 0.25
+        inputs = make_inputs(2)
+        out = merge_checkpoints(inputs, [1, 3], tmp_path / "merged", base=base_dir, **cfg.merge.model_dump())
+        first, b = load_dir(inputs[0]), load_dir(base_dir)
+        for n, t in load_dir(out).items():
+            assert rel_err(t, b[n].double() + 0.25 * (first[n].double() - b[n].double())) <= 1e-6, n
+        record = verify_manifest(out)["metadata"]["merge"]
+        assert record["method"] == "first_task_vector" and record["gamma"] == 0.25
+        assert record["scale"] is None and record["density"] is None
+        with pytest.raises(ConfigError, match=r"merge\.gamma.*gamma must be ≥ 0 and ≤ 1, got 2"):
+            load_config(overrides=["merge.method=first_task_vector", "merge.gamma=2"])
+        with pytest.raises(MergeError, match="needs base"):
+            merge_checkpoints(inputs, [1, 3], tmp_path / "other", method="first_task_vector")
+    finally:
+        MERGE_METHODS.pop("first_task_vector")
+    with pytest.raises(ConfigError, match="unknown merge method 'first_task_vector'"):
+        load_config(overrides=["merge.method=first_task_vector"])
+
+
+@pytest.mark.parametrize(
+    "override, pattern",
+    [
+        ("merge.method=nope", r"merge\.method: .*unknown merge method 'nope'; registered: dare, task_arithmetic, "
+                              r"ties, token_weighted, uniform"),
+        ("merge.density=1.5", r"merge\.density: Input should be less than or equal to 1"),
+        ("merge.density=0", r"merge\.density: Input should be greater than 0"),
+        ("merge.scale=-1", r"merge\.scale: Input should be greater than 0"),
+        ("merge.scale=.inf", r"merge\.scale: Input should be a finite number"),
+        ("merge.seed=1.5", r"merge\.seed: Input should be a valid integer"),
+        ("merge.densty=0.3", r"merge\.densty: unknown merge hyper-parameter 'densty'; .*scale, density, seed"),
+    ],
+)
+def test_config_refuses_unknown_method_and_bad_hyperparameters(override, pattern):
+    from merit_core.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(overrides=[override])
+
+
+@pytest.mark.parametrize(
+    "kw, pattern",
+    [
+        ({"density": 0}, r"density must be > 0 and ≤ 1, got 0"),
+        ({"scale": float("inf")}, r"scale must be a finite number, got inf"),
+        ({"seed": 0.5}, r"seed must be an integer, got 0.5"),
+        ({"density": "0.3"}, r"density must be a float"),
+        ({"gamma": 0.1}, r"unknown merge hyper-parameter 'gamma'"),
+    ],
+)
+def test_merge_refuses_bad_hyperparameters(make_inputs, tmp_path, kw, pattern):
+    inputs = make_inputs(2)
+    out = tmp_path / "merged"
+    with pytest.raises(MergeError, match=pattern):
+        merge_checkpoints(inputs, [1, 1], out, **kw)
+    assert no_output(out)
+
+
+def test_register_refuses_conflicting_declarations():
+    noop = lambda tensors, weights, base=None, **kw: tensors[0]  # noqa: E731
+    with pytest.raises(ValueError, match="'density' is declared differently by operator 'ties'"):
+        register("x", hyperparams=(HyperParam("density", float, 0.5, "other default", gt=0, le=1),))(noop)
+    with pytest.raises(ValueError, match="reserved"):
+        register("x", hyperparams=(HyperParam("base", float, 0.5, "clashes with the base argument"),))(noop)
+    with pytest.raises(ValueError, match="weights must be one of"):
+        register("x", weights="tokens_please")(noop)
+    assert "x" not in MERGE_METHODS
 
 
 # ---------------------------------------------------------------- checks before writing

@@ -1,9 +1,11 @@
 """Streaming one-shot merge of fine-tuned branches (MERIT spec step 5).
 
 Each operator is one small module with the maths for a single tensor
-(``merge_tensor(tensors, weights, base, **kw) -> Tensor``, float32 in and out);
-:data:`MERGE_METHODS` maps names to them and :func:`register` adds new ones. File
-handling (lazy reading, sharded writing) lives in :mod:`merit_core.merge.io`.
+(``merge_tensor(tensors, weights, base, **kw) -> Tensor``, float32 in and out) that
+declares itself in :mod:`merit_core.merge.registry` (θ(0) needed or not, weight
+policy, hyper-parameters); :data:`MERGE_METHODS` maps names to them and
+:func:`register` adds new ones. File handling (lazy reading, sharded writing) lives in
+:mod:`merit_core.merge.io`.
 
 :func:`merge_checkpoints` streams one tensor name at a time from every input, so peak
 memory is about one output shard plus K float32 copies of one tensor, independent of
@@ -18,50 +20,33 @@ import math
 import os
 import shutil
 import uuid
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
 from merit_core.store.manifest import MANIFEST_NAME, write_manifest
-from merit_core.merge import dare, task_arithmetic, ties, token_weighted, uniform
-from merit_core.merge.io import Checkpoint, MergeError, ShardWriter, TensorInfo, copy_side_files
+from merit_core.merge import dare, task_arithmetic, ties, token_weighted, uniform  # noqa: F401 (they register)
+from merit_core.merge.io import (
+    Checkpoint,
+    MergeError,
+    ShardWriter,
+    TensorInfo,
+    copy_side_files,
+    is_output_embedding,
+)
+from merit_core.merge.registry import (
+    MERGE_METHODS,
+    MergeMethod,
+    get_method,
+    hyperparameters,
+    register,
+)
 
-__all__ = ["MERGE_METHODS", "MergeError", "MergeMethod", "merge_checkpoints", "register"]
+__all__ = ["MERGE_METHODS", "MergeError", "MergeMethod", "get_method", "merge_checkpoints", "register"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class MergeMethod:
-    """A registered operator: ``fn(tensors, weights, base, **kw)`` for one tensor.
-
-    ``needs_base``: the operator works on task vectors θ_k − θ(0) and requires ``base``.
-    """
-
-    name: str
-    fn: Callable[..., torch.Tensor]
-    needs_base: bool = False
-
-    def __call__(self, tensors: list[torch.Tensor], weights: torch.Tensor, base: torch.Tensor | None = None, **kw):
-        return self.fn(tensors, weights, base, **kw)
-
-
-MERGE_METHODS: dict[str, MergeMethod] = {
-    m.NAME: MergeMethod(m.NAME, m.merge_tensor, m.NEEDS_BASE)
-    for m in (token_weighted, uniform, task_arithmetic, ties, dare)
-}
-
-
-def register(name: str, *, needs_base: bool = False):
-    """Decorator adding a per-tensor operator to :data:`MERGE_METHODS` under ``name``."""
-
-    def deco(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-        MERGE_METHODS[name] = MergeMethod(name, fn, needs_base)
-        return fn
-
-    return deco
 
 
 def merge_checkpoints(
@@ -71,55 +56,38 @@ def merge_checkpoints(
     method: str = "token_weighted",
     base: str | os.PathLike | None = None,
     *,
-    scale: float = 1.0,
-    density: float = 0.2,
-    seed: int = 0,
     max_shard_size: str | int = "2GB",
     metadata: dict[str, Any] | None = None,
+    **hyperparams: float,
 ) -> Path:
     """Merge K Hugging Face safetensors model directories into one HF-loadable directory.
 
     Args:
         inputs: the K branch directories (single-file or sharded safetensors).
-        weights: per-branch weights; for ``token_weighted`` the branches' trained token
-            counts N_k (required), normalised to w_k = N_k / Σ N_j. Other methods use
-            equal weights when ``None``; ``uniform`` always uses equal weights.
-        output: the merged directory. It is built in a hidden sibling directory, gets
-            its ``manifest.json`` last and is then renamed into place (an existing
-            ``output`` is replaced). A failed merge leaves no ``output``.
-        method: a key of :data:`MERGE_METHODS`.
-        base: θ(0), required by ``task_arithmetic``, ``ties`` and ``dare``.
-        scale, density, seed: λ, kept fraction and mask seed of the task-vector methods.
+        weights: per-branch weights under the operator's weight policy (registry):
+            ``token_weighted`` needs the trained token counts N_k (w_k = N_k / Σ N_j),
+            ``uniform`` uses 1/K, the others normalise these (1/K for ``None``).
+        output: the merged directory, returned. It is built in a hidden sibling
+            directory, gets its ``manifest.json`` last and is then renamed into place
+            (an existing ``output`` is replaced). A failed merge leaves no ``output``.
+        method: a registered operator (a key of :data:`MERGE_METHODS`).
+        base: θ(0), required by operators that declare ``needs_base`` (``task_arithmetic``,
+            ``ties``, ``dare``); ignored by the others.
         max_shard_size: output shard limit (``"2GB"``, ``"50KB"`` or bytes).
         metadata: extra JSON fields stored in the manifest next to the merge record.
-
-    Returns:
-        The output directory.
+        **hyperparams: registered hyper-parameters (``scale`` λ, ``density``, ``seed``, ...),
+            each checked against its declared range; the operator gets the ones it
+            declares (defaults for those not given), the manifest records them.
 
     Raises:
-        MergeError: unknown method, bad weights, missing base, or inputs that disagree
-            (tensor names, shapes, dtypes, vocabulary size) or hold NaN/Inf — the
-            message names the tensor and the input.
+        MergeError: unknown method or hyper-parameter, a value out of range, bad
+            weights, missing base, or inputs that disagree (tensor names, shapes,
+            dtypes, vocabulary size) or hold NaN/Inf — the message names the tensor
+            and the input.
     """
-    spec = MERGE_METHODS.get(method)
-    if spec is None:
-        raise MergeError(f"unknown merge method {method!r}; known: {sorted(MERGE_METHODS)}")
-    if len(inputs) == 0:
-        raise MergeError("merge_checkpoints needs at least one input")
-    w = _normalise_weights(weights, len(inputs), method)
-    if spec.needs_base and base is None:
-        raise MergeError(f"merge method {method!r} works on task vectors θ_k − θ(0) and needs base=θ(0)")
-    if not (math.isfinite(scale) and scale > 0):
-        raise MergeError(f"scale must be a positive finite number, got {scale}")
-    if not 0 < density <= 1:
-        raise MergeError(f"density must be in (0, 1], got {density}")
-
+    spec = get_method(method)
     output = Path(output)
-    sources = [Path(p) for p in inputs] + ([Path(base)] if spec.needs_base else [])
-    for p in sources:
-        if p.exists() and output.exists() and p.resolve() == output.resolve():
-            raise MergeError(f"output {output} is also an input; choose another output directory")
-
+    w, settings = _check_arguments(spec, inputs, weights, output, base, hyperparams)
     ckpts = [Checkpoint(p) for p in inputs]
     base_ckpt = Checkpoint(base) if spec.needs_base else None
     infos = _check_compatible(ckpts, base_ckpt)
@@ -128,24 +96,10 @@ def merge_checkpoints(
     try:
         tmp.mkdir(parents=True)
         writer = ShardWriter(tmp, infos, max_shard_size)
-        kw = {"scale": scale, "density": density, "seed": seed}
         for name, info in infos.items():
-            writer.add(name, _merge_one(spec, name, info, ckpts, base_ckpt, w, kw))
-        weight_files = writer.close()
-        copied = copy_side_files(ckpts[0].path, tmp)
-        record = {
-            "method": method,
-            "weights": w.tolist(),
-            "raw_weights": None if weights is None else [float(x) for x in weights],
-            "inputs": [c.path.name for c in ckpts],
-            "input_manifests_sha256": [_manifest_sha(c.path) for c in ckpts],
-            "base": base_ckpt.path.name if base_ckpt else None,
-            "scale": scale if spec.needs_base else None,
-            "density": density if method in ("ties", "dare") else None,
-            "seed": seed if method == "dare" else None,
-            "weight_files": weight_files,
-            "copied_files": copied,
-        }
+            writer.add(name, _merge_one(spec, name, info, ckpts, base_ckpt, w, settings))
+        record = {"weight_files": writer.close(), "copied_files": copy_side_files(ckpts[0].path, tmp),
+                  **_merge_record(spec, weights, w, settings, ckpts, base_ckpt)}
         write_manifest(tmp, metadata={"merge": record, **(metadata or {})})
         _replace_dir(tmp, output)
     except BaseException:
@@ -155,24 +109,58 @@ def merge_checkpoints(
     return output
 
 
-def _normalise_weights(weights: Sequence[float] | None, k: int, method: str) -> torch.Tensor:
+def _check_arguments(
+    spec: MergeMethod,
+    inputs: Sequence[str | os.PathLike],
+    weights: Sequence[float] | None,
+    output: Path,
+    base: str | os.PathLike | None,
+    hyperparams: dict[str, int | float],
+) -> tuple[torch.Tensor, dict[str, int | float]]:
+    """Refuse bad arguments before any file is opened; return the K float64 weights
+    and the operator's hyper-parameter values (:meth:`MergeMethod.settings`)."""
+    if len(inputs) == 0:
+        raise MergeError("merge_checkpoints needs at least one input")
+    w = _normalise_weights(weights, len(inputs), spec)
+    if spec.needs_base and base is None:
+        raise MergeError(f"merge method {spec.name!r} works on task vectors θ_k − θ(0) and needs base=θ(0)")
+    settings = spec.settings(hyperparams)
+    for p in [*inputs, *([base] if spec.needs_base else [])]:
+        if Path(p).exists() and output.exists() and Path(p).resolve() == output.resolve():
+            raise MergeError(f"output {output} is also an input; choose another output directory")
+    return w, settings
+
+
+def _merge_record(spec: MergeMethod, weights: Sequence[float] | None, w: torch.Tensor,
+                  settings: dict[str, int | float], ckpts: list[Checkpoint], base: Checkpoint | None) -> dict:
+    """The manifest's merge record: operator, weights, inputs, hyper-parameters (every
+    registered one; ``None`` where the operator does not take it)."""
+    return {
+        "method": spec.name,
+        "weights": w.tolist(),
+        "raw_weights": None if weights is None else [float(x) for x in weights],
+        "inputs": [c.path.name for c in ckpts],
+        "input_manifests_sha256": [_manifest_sha(c.path) for c in ckpts],
+        "base": base.path.name if base else None,
+        **{name: settings.get(name) for name in hyperparameters()},
+    }
+
+
+def _normalise_weights(weights: Sequence[float] | None, k: int, spec: MergeMethod) -> torch.Tensor:
+    """The K float64 merge weights (summing to 1) under ``spec``'s weight policy."""
     if weights is None:
-        if method == "token_weighted":
-            raise MergeError("token_weighted needs weights: the trained token count N_k of every input")
+        if spec.weights == "tokens":
+            raise MergeError(f"{spec.name} needs weights: the trained token count N_k of every input")
         return torch.full((k,), 1.0 / k, dtype=torch.float64)
     if len(weights) != k:
         raise MergeError(f"got {len(weights)} weights for {k} inputs")
     for i, x in enumerate(weights):
         if not (math.isfinite(float(x)) and float(x) > 0):
             raise MergeError(f"weight {i} is {x}; weights must be positive and finite")
-    if method == "uniform":
+    if spec.weights == "uniform":
         return torch.full((k,), 1.0 / k, dtype=torch.float64)
     w = torch.tensor([float(x) for x in weights], dtype=torch.float64)
     return w / w.sum()
-
-
-def _is_tied(c: Checkpoint) -> bool:
-    return bool(c.config_value("tie_word_embeddings"))
 
 
 def _check_compatible(ckpts: list[Checkpoint], base: Checkpoint | None) -> dict[str, TensorInfo]:
@@ -191,12 +179,11 @@ def _check_compatible(ckpts: list[Checkpoint], base: Checkpoint | None) -> dict[
             a, b = first.config_value(key), c.config_value(key)
             if a != b:
                 raise MergeError(f"config {key} differs: {a} in {first.path}, {b} in {c.path}")
-    tied = _is_tied(first)
 
     def kept(c: Checkpoint) -> dict[str, TensorInfo]:
-        if not tied:
+        if not first.tied_embeddings:
             return c.tensors
-        return {n: i for n, i in c.tensors.items() if not (n == "lm_head.weight" or n.endswith(".lm_head.weight"))}
+        return {n: i for n, i in c.tensors.items() if not is_output_embedding(n)}
 
     ref = kept(first)
     for c in everyone[1:]:
@@ -247,7 +234,7 @@ def _merge_one(
     ckpts: list[Checkpoint],
     base: Checkpoint | None,
     w: torch.Tensor,
-    kw: dict[str, Any],
+    settings: dict[str, int | float],
 ) -> torch.Tensor:
     """Merge tensor ``name`` of every input: accumulate in float32, return the inputs' dtype."""
     if not info.dtype.is_floating_point:  # integer/bool buffers cannot be averaged: must agree
@@ -259,7 +246,7 @@ def _merge_one(
     acc = torch.float64 if info.dtype == torch.float64 else torch.float32
     tensors = [_load(c, name, acc) for c in ckpts]
     b = _load(base, name, acc) if base is not None else None
-    merged = spec(tensors, w, b, name=name, **kw).to(info.dtype)
+    merged = spec(tensors, w, b, name=name, **settings).to(info.dtype)
     if not _all_finite(merged):
         raise MergeError(f"merged tensor {name!r} is not finite in {info.dtype} (overflow; lower scale?)")
     return merged

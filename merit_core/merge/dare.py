@@ -13,8 +13,11 @@ import hashlib
 
 import torch
 
-NAME = "dare"
-NEEDS_BASE = True
+from merit_core.merge.registry import HyperParam, register
+from merit_core.merge.task_arithmetic import SCALE
+from merit_core.merge.ties import DENSITY
+
+SEED = HyperParam("seed", int, 0, "seed of the random drop masks")
 
 
 def mask_seed(seed: int, name: str, k: int) -> int:
@@ -29,6 +32,7 @@ def keep_mask(shape: torch.Size, density: float, seed: int, name: str, k: int) -
     return torch.rand(shape, generator=g) < density
 
 
+@register("dare", needs_base=True, hyperparams=(SCALE, DENSITY, SEED))
 def merge_tensor(
     tensors: list[torch.Tensor],
     weights: torch.Tensor,

@@ -1,8 +1,9 @@
 """Lazy tensor reading and sharded writing for Hugging Face safetensors directories.
 
+The only safetensors reader and writer of merit_core (merge and diagnostics use it).
 The merge maths never touches files: :class:`Checkpoint` reads the headers of a model
 directory (single ``model.safetensors`` or shards + ``model.safetensors.index.json``)
-and hands out one tensor at a time; :class:`ShardWriter` collects merged tensors into
+and hands out one tensor, or one block of rows of a tensor, at a time; :class:`ShardWriter` collects merged tensors into
 output shards planned up front (``huggingface_hub.split_torch_state_dict_into_shards``
 on meta tensors) and writes each shard as soon as it is full, so only one shard is ever
 held in memory.
@@ -11,9 +12,12 @@ held in memory.
 from __future__ import annotations
 
 import json
+import math
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
@@ -28,6 +32,9 @@ SHARD_PATTERN = "model{suffix}.safetensors"
 # format, weight indexes, the manifest and trainer state belonging to one branch.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
 _SKIP_FILES = {"manifest.json", "manifest.json.tmp", "trainer_state.json"}
+
+# Elements per block of :meth:`Checkpoint.blocks`: a float64 block is at most 32 MiB.
+BLOCK_ELEMENTS = 1 << 22
 
 _DTYPES = {
     "F64": torch.float64,
@@ -49,6 +56,17 @@ class MergeError(ValueError):
     """Inputs cannot be merged; the message names the tensor and/or the input path."""
 
 
+class MissingCheckpointError(MergeError, FileNotFoundError):
+    """A checkpoint path is not a directory or holds no safetensors weights (the
+    message names the path); both a :class:`MergeError` and a ``FileNotFoundError``."""
+
+
+def is_output_embedding(name: str) -> bool:
+    """Whether tensor ``name`` is the output embedding (``lm_head.weight`` at any depth),
+    which a model with tied word embeddings shares with the input embedding."""
+    return name == "lm_head.weight" or name.endswith(".lm_head.weight")
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     """Header facts of one stored tensor."""
@@ -61,18 +79,21 @@ class TensorInfo:
 class Checkpoint:
     """Headers of a safetensors HF model directory; tensors are read on demand.
 
-    Every :meth:`read` opens the tensor's file, copies that one tensor out and closes
-    the file again, so no memory map stays resident between tensors.
+    Every :meth:`read` (and every :meth:`blocks` iteration) opens the tensor's file,
+    copies tensor data out and closes the file again, so no memory map stays resident
+    between tensors and there is nothing to close. ``tensors`` maps each stored name to
+    its :class:`TensorInfo` (file order); ``config`` is ``config.json`` (``{}`` if absent).
 
     Raises:
-        MergeError: the path is not a directory, has no safetensors weights, or its
-            index names a missing file or tensor.
+        MissingCheckpointError: the path is not a directory or has no safetensors weights.
+        MergeError: an unreadable index or header, a file or tensor named by the index
+            but missing, or an unsupported dtype.
     """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         if not self.path.is_dir():
-            raise MergeError(f"input {self.path} is not a directory")
+            raise MissingCheckpointError(f"input {self.path} is not a directory")
         index = self.path / SAFE_WEIGHTS_INDEX_NAME
         single = self.path / SAFE_WEIGHTS_NAME
         if index.is_file():
@@ -84,7 +105,7 @@ class Checkpoint:
         elif single.is_file():
             weight_map, files = {}, [SAFE_WEIGHTS_NAME]
         else:
-            raise MergeError(
+            raise MissingCheckpointError(
                 f"input {self.path} has no safetensors weights ({SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME})"
             )
         self.tensors: dict[str, TensorInfo] = {}
@@ -117,17 +138,54 @@ class Checkpoint:
         cfg = self.path / "config.json"
         self.config: dict = json.loads(cfg.read_text()) if cfg.is_file() else {}
 
+    @property
+    def names(self) -> list[str]:
+        """The stored tensor names."""
+        return list(self.tensors)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The stored shape of tensor ``name`` (``KeyError`` if not stored)."""
+        return self.tensors[name].shape
+
     def read(self, name: str) -> torch.Tensor:
         """Load one tensor (in its stored dtype) from disk."""
         info = self.tensors[name]
         with safe_open(self.path / info.file, framework="pt") as f:
             return f.get_tensor(name)
 
-    def config_value(self, key: str):
-        """``config[key]``, falling back to ``config["text_config"][key]`` (VLMs)."""
-        if key in self.config:
-            return self.config[key]
-        return (self.config.get("text_config") or {}).get(key)
+    def blocks(self, name: str) -> Iterator[torch.Tensor]:
+        """Tensor ``name`` as float64 blocks of whole rows (dim 0), in order.
+
+        Each block holds at most :data:`BLOCK_ELEMENTS` elements (at least one row), so a
+        streaming reduction over a large tensor never holds it whole; a 0-d tensor or
+        one with no rows comes as a single block.
+        """
+        shape = self.shape(name)
+        if len(shape) == 0 or shape[0] == 0:
+            yield self.read(name).to(torch.float64)
+            return
+        step = max(1, BLOCK_ELEMENTS // (math.prod(shape[1:]) or 1))
+        with safe_open(self.path / self.tensors[name].file, framework="pt") as f:
+            rows = f.get_slice(name)
+            for start in range(0, shape[0], step):
+                yield rows[start : start + step].to(torch.float64)
+
+    def config_value(self, key: str) -> Any:
+        """``config[key]``, falling back to ``config["text_config"][key]`` (VLMs) when
+        absent or null at the top level; ``None`` when neither has it."""
+        value = self.config.get(key)
+        if value is None:
+            value = (self.config.get("text_config") or {}).get(key)
+        return value
+
+    @property
+    def tied_embeddings(self) -> bool:
+        """Whether the config ties the output embedding to the input embedding
+        (``tie_word_embeddings``, also under ``text_config``; absent counts as untied)."""
+        return bool(self.config_value("tie_word_embeddings"))
 
 
 def plan_shards(infos: dict[str, TensorInfo], max_shard_size: str | int):

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import torch
 
-NAME = "task_arithmetic"
-NEEDS_BASE = True
+from merit_core.merge.registry import HyperParam, register
+
+SCALE = HyperParam("scale", float, 1.0, "λ: multiplies the merged task vector", gt=0)
 
 
+@register("task_arithmetic", needs_base=True, hyperparams=(SCALE,))
 def merge_tensor(
     tensors: list[torch.Tensor], weights: torch.Tensor, base: torch.Tensor | None = None, *, scale: float = 1.0, **kw
 ) -> torch.Tensor:

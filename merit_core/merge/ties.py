@@ -15,8 +15,10 @@ import math
 
 import torch
 
-NAME = "ties"
-NEEDS_BASE = True
+from merit_core.merge.registry import HyperParam, register
+from merit_core.merge.task_arithmetic import SCALE
+
+DENSITY = HyperParam("density", float, 0.2, "kept fraction of each task vector", gt=0, le=1)
 
 
 def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
@@ -31,6 +33,7 @@ def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
     return torch.where(keep, flat, torch.zeros((), dtype=delta.dtype)).reshape(delta.shape)
 
 
+@register("ties", needs_base=True, hyperparams=(SCALE, DENSITY))
 def merge_tensor(
     tensors: list[torch.Tensor],
     weights: torch.Tensor,

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import torch
 
-NAME = "token_weighted"
-NEEDS_BASE = False
+from merit_core.merge.registry import register
 
 
+@register("token_weighted", weights="tokens")
 def merge_tensor(
     tensors: list[torch.Tensor], weights: torch.Tensor, base: torch.Tensor | None = None, **kw
 ) -> torch.Tensor:

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from merit_core.merge.registry import register
 from merit_core.merge.token_weighted import merge_tensor as weighted_sum
 
-NAME = "uniform"
-NEEDS_BASE = False
 
-
+@register("uniform", weights="uniform")
 def merge_tensor(
     tensors: list[torch.Tensor], weights: torch.Tensor, base: torch.Tensor | None = None, **kw
 ) -> torch.Tensor:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from merit_core.config import MeritConfig
-from merit_core.merge import merge_checkpoints
+from merit_core.merge import get_method, merge_checkpoints
 from merit_core.pipeline.layout import merged_key
 from merit_core.refs import BranchRef, ModelRef
 from merit_core.store import ArtifactStore
@@ -30,13 +30,10 @@ def merge_branches(cfg: MeritConfig, store: ArtifactStore, base: ModelRef, branc
     ordered = sorted(branches, key=lambda b: b.index)
     inputs = [store.fetch_dir(b.key) for b in ordered]
     weights = [float(b.trained_tokens) for b in ordered]
-    base_dir = store.fetch_dir(base.key) if cfg.merge.method in ("task_arithmetic", "ties", "dare") else None
+    base_dir = store.fetch_dir(base.key) if get_method(cfg.merge.method).needs_base else None
     out = store.staging_dir(key)
-    merge_checkpoints(
-        inputs, weights, out, method=cfg.merge.method, base=base_dir, scale=cfg.merge.scale,
-        density=cfg.merge.density, seed=cfg.merge.seed, max_shard_size=cfg.merge.max_shard_size,
-        metadata={"branches": [b.key for b in branches], "trained_tokens": weights},
-    )
+    merge_checkpoints(inputs, weights, out, base=base_dir, **cfg.merge.model_dump(),
+                      metadata={"branches": [b.key for b in branches], "trained_tokens": weights})
     store.commit_dir(key, out, metadata={"kind": "merged", "method": cfg.merge.method,
                                          "branches": [b.key for b in branches], "trained_tokens": weights})
     return ModelRef(key=key, uri=store.uri_for(key), label=label)
