@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from merit_core.pipeline.base import prepare_base
-from merit_core.pipeline.branches import train_branch
+from merit_core.pipeline.branches import CheckpointUpload, train_branch
 from merit_core.pipeline.mixture import load_split, resolve_mixture
 from merit_core.refs import TrainStats, write_examples
 from merit_core.store import open_store
@@ -67,7 +67,8 @@ def test_rank0_uploads_checkpoints_to_the_store(prepared, tmp_path):
         examples += load_split(store, mixture.get(name), "train")
     write_examples(tmp_path / "ex.jsonl", examples)
     res = run_distributed_branch(store.fetch_dir(base.key), tmp_path / "ex.jsonl", tmp_path / "out", cfg.train,
-                                 nproc=2, checkpoint_dir=tmp_path / "ck", store=store, checkpoint_prefix="runs/x/ck")
+                                 nproc=2, checkpoint_dir=tmp_path / "ck",
+                                 on_checkpoint=CheckpointUpload(store, "runs/x/ck"))
     assert isinstance(res, TrainStats)
     assert res.processes == 2 and res.steps == -(-len(examples) // 4) >= 3
     assert res.examples == len(examples)

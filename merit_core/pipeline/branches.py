@@ -7,22 +7,14 @@ from __future__ import annotations
 import logging
 import shutil
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from merit_core.config import MeritConfig
 from merit_core.data.types import TokenizedExample
-from merit_core.pipeline.layout import (
-    branch_checkpoints_prefix,
-    branch_key,
-    work_dir_name,
-)
+from merit_core.pipeline.layout import branch_checkpoints_prefix, branch_key, checkpoint_key, work_dir_name
 from merit_core.pipeline.mixture import load_split
-from merit_core.refs import (
-    BranchRef,
-    MixtureRef,
-    ModelRef,
-    write_examples,
-)
+from merit_core.refs import BranchRef, MixtureRef, ModelRef, write_examples
 from merit_core.store import ArtifactStore, StoreError, default_cache_dir
 from merit_core.train import check_train_setup, resolve_nproc, run_distributed_branch
 from merit_core.train import train_branch as run_trainer
@@ -32,6 +24,19 @@ logger = logging.getLogger("merit")
 
 class BranchStoreError(StoreError):
     """A branch that should be finished has no complete, matching directory in the store."""
+
+
+@dataclass(frozen=True)
+class CheckpointUpload:
+    """Commits a local Trainer checkpoint directory (``checkpoint-<step>``) to the store
+    under a branch's checkpoint prefix. Picklable, so it also travels to rank 0 of a
+    distributed branch."""
+
+    store: ArtifactStore
+    prefix: str
+
+    def __call__(self, path: Path) -> None:
+        self.store.commit_dir(checkpoint_key(self.prefix, path.name), path, metadata={"kind": "train-checkpoint"})
 
 
 def train_branch(cfg: MeritConfig, store: ArtifactStore, base: ModelRef, mixture: MixtureRef,
@@ -67,8 +72,10 @@ def train_branch(cfg: MeritConfig, store: ArtifactStore, base: ModelRef, mixture
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     _restore_newest_checkpoint(store, ckpt_prefix, ckpt_dir)
 
-    def upload(path: Path) -> None:
-        store.commit_dir(f"{ckpt_prefix}/{path.name}", path, metadata={"kind": "train-checkpoint"})
+    upload = CheckpointUpload(store, ckpt_prefix)
+
+    def upload_then(path: Path) -> None:
+        upload(path)
         if after_checkpoint is not None:
             after_checkpoint(path)
 
@@ -78,11 +85,10 @@ def train_branch(cfg: MeritConfig, store: ArtifactStore, base: ModelRef, mixture
     if nproc > 1 or cfg.train.deepspeed:  # elastic launcher (DDP / DeepSpeed ZeRO, which needs its env even on 1 GPU)
         write_examples(work / "examples.jsonl", examples)
         stats = run_distributed_branch(base_dir, work / "examples.jsonl", out, cfg.train, nproc=nproc,
-                                       checkpoint_dir=ckpt_dir, dtype=cfg.model.dtype, store=store,
-                                       checkpoint_prefix=ckpt_prefix)
+                                       checkpoint_dir=ckpt_dir, dtype=cfg.model.dtype, on_checkpoint=upload)
     else:
         stats = run_trainer(base_dir, examples, out, cfg.train, checkpoint_dir=ckpt_dir,
-                            dtype=cfg.model.dtype, on_checkpoint=upload)
+                            dtype=cfg.model.dtype, on_checkpoint=upload_then)
     ref = BranchRef(index=index, label=label, key=key, uri=store.uri_for(key), sources=sorted(sources),
                            **stats.model_dump())
     store.commit_dir(key, out, metadata={"kind": "branch", "branch": ref.model_dump()})

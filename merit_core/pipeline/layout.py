@@ -63,6 +63,12 @@ def branch_checkpoints_prefix(run_id: str, label: str, index: int) -> str:
     return branch_key(run_id, label, index) + "-checkpoints"
 
 
+def checkpoint_key(prefix: str, name: str) -> str:
+    """``<prefix>/<name>``: one Trainer checkpoint (``checkpoint-<step>``) under a branch's
+    :func:`branch_checkpoints_prefix`."""
+    return f"{prefix}/{safe_key(name)}"
+
+
 def merged_key(run_id: str, label: str) -> str:
     """``runs/<run-id>/<label>/merged``: the merged model of one partition."""
     return safe_key("runs", run_id, label, "merged")

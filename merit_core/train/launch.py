@@ -6,8 +6,8 @@ The MERIT branches never talk to each other; inside one branch, data parallelism
 or DeepSpeed ZeRO when ``train.deepspeed`` is set) spreads the branch over the GPUs of
 its worker. :func:`run_distributed_branch` starts the ranks with
 ``torch.distributed.launcher.api.elastic_launch``, which hands each rank's return value
-back to the parent: every rank runs :func:`train_rank`, rank 0 uploads checkpoints to
-the store as the Trainer writes them. The ranks write to the parent's stdout/stderr.
+back to the parent: every rank runs :func:`train_rank`, rank 0 hands each checkpoint the
+Trainer writes to the caller's ``on_checkpoint`` (the pipeline commits it to the store). The ranks write to the parent's stdout/stderr.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import logging
 import os
 import tempfile
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -30,9 +30,6 @@ from merit_core.config import TrainConfig
 from merit_core.refs import TrainStats, read_examples
 from merit_core.train.checks import TrainError, TrainSetupError
 from merit_core.train.trainer import train_branch
-
-if TYPE_CHECKING:
-    from merit_core.store import ArtifactStore
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +53,7 @@ def resolve_nproc(value: int | str) -> int:
 
 def run_distributed_branch(base_dir: str | os.PathLike, examples: str | os.PathLike, output_dir: str | os.PathLike,
                            cfg: TrainConfig, *, nproc: int, checkpoint_dir: str | os.PathLike, dtype: str = "float32",
-                           store: ArtifactStore | None = None, checkpoint_prefix: str | None = None) -> TrainStats:
+                           on_checkpoint: Callable[[Path], None] | None = None) -> TrainStats:
     """Train one branch on ``nproc`` local processes and return rank 0's stats.
 
     Args:
@@ -68,9 +65,10 @@ def run_distributed_branch(base_dir: str | os.PathLike, examples: str | os.PathL
         nproc: processes on this node (``nproc_per_node``), ≥ 1 (1 for DeepSpeed on one GPU).
         checkpoint_dir: local ``checkpoint-<step>`` dirs (resumed from when present).
         dtype: weights dtype for training.
-        store, checkpoint_prefix: rank 0 commits each checkpoint to
-            ``<checkpoint_prefix>/checkpoint-<step>`` of ``store`` (pickled to the
-            ranks); both or neither.
+        on_checkpoint: called by rank 0 with each local ``checkpoint-<step>`` directory
+            once the Trainer has written it (e.g. to commit it to the store); it is
+            pickled to the ranks, so it must be a picklable callable (a module-level
+            function or an instance of a module-level class).
 
     Without ``OMP_NUM_THREADS`` in the environment each rank of a multi-process branch
     uses one intra-op thread (torchrun's default) unless ``cfg.threads`` says otherwise.
@@ -86,12 +84,10 @@ def run_distributed_branch(base_dir: str | os.PathLike, examples: str | os.PathL
             examples).
         TrainError: a rank failed (message: the failing rank, its exit code and the
             root-cause exception with its traceback).
-        ValueError: ``nproc`` < 1, or only one of ``store`` and ``checkpoint_prefix``.
+        ValueError: ``nproc`` < 1.
     """
     if nproc < 1:
         raise ValueError(f"run_distributed_branch: nproc must be ≥ 1, got {nproc}")
-    if (store is None) != (checkpoint_prefix is None):
-        raise ValueError("run_distributed_branch: give both store and checkpoint_prefix, or neither")
     logger.info("launching branch on %d processes (torch elastic launch, output %s)", nproc, output_dir)
     with tempfile.TemporaryDirectory(prefix="merit-launch-") as logs:  # the ranks' error files
         config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=uuid.uuid4().hex,
@@ -99,8 +95,7 @@ def run_distributed_branch(base_dir: str | os.PathLike, examples: str | os.PathL
                               logs_specs=DefaultLogsSpecs(log_dir=logs))
         try:
             results = elastic_launch(config, train_rank)(
-                cfg, str(base_dir), str(examples), str(output_dir), str(checkpoint_dir), dtype, store,
-                checkpoint_prefix)
+                cfg, str(base_dir), str(examples), str(output_dir), str(checkpoint_dir), dtype, on_checkpoint)
         except ChildFailedError as err:
             raise TrainError(f"distributed branch ({nproc} processes) failed:\n{err}") from err
     refused = [r for r in results.values() if isinstance(r, RankSetupFailure)]
@@ -110,7 +105,7 @@ def run_distributed_branch(base_dir: str | os.PathLike, examples: str | os.PathL
 
 
 def train_rank(cfg: TrainConfig, base_dir: str, examples: str, output_dir: str, checkpoint_dir: str, dtype: str,
-               store: ArtifactStore | None, checkpoint_prefix: str | None) -> TrainStats | RankSetupFailure:
+               on_checkpoint: Callable[[Path], None] | None) -> TrainStats | RankSetupFailure:
     """What every rank of :func:`run_distributed_branch` runs (``RANK``, ``WORLD_SIZE``
     and the rendezvous are set by the elastic agent); arguments as there.
 
@@ -124,16 +119,10 @@ def train_rank(cfg: TrainConfig, base_dir: str, examples: str, output_dir: str, 
     if world > 1 and "OMP_NUM_THREADS" not in os.environ:  # torchrun's default: no oversubscribed cores
         os.environ["OMP_NUM_THREADS"] = "1"
         torch.set_num_threads(1)
-    upload = None
-    if rank == 0 and store is not None:
-
-        def upload(path: Path) -> None:
-            store.commit_dir(f"{checkpoint_prefix}/{path.name}", path, metadata={"kind": "train-checkpoint"})
-
     try:
         result: TrainStats | RankSetupFailure = train_branch(
             base_dir, read_examples(examples), output_dir, cfg, checkpoint_dir=checkpoint_dir, dtype=dtype,
-            on_checkpoint=upload)
+            on_checkpoint=on_checkpoint if rank == 0 else None)
     except TrainSetupError as err:
         result = RankSetupFailure(rank=rank, message=str(err))
     # Leave together: a rank that exits while others still use the process group
