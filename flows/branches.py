@@ -34,6 +34,7 @@ from prefect.task_runners import ProcessPoolTaskRunner
 from prefect.utilities.asyncutils import run_coro_as_sync
 
 from merit_core.config import MeritConfig
+from merit_core.train import planned_steps
 from merit_core.refs import BranchRef, MixtureRef, ModelRef
 from tasks import collect_branches_task, train_branch_task
 
@@ -65,6 +66,7 @@ def run_branches(config: MeritConfig, base: ModelRef, mixture: MixtureRef, group
     equal share of this machine's cores.
     """
     mode = config.run.branch_execution
+    _log_plan(config, mixture, groups, label)
     args = [dict(config=config, base=base, mixture=mixture, sources=g, run_id=run_id, label=label, index=k)
             for k, g in enumerate(groups)]
     if mode == "local":
@@ -81,6 +83,18 @@ def run_branches(config: MeritConfig, base: ModelRef, mixture: MixtureRef, group
     if mode == "deployment":
         return run_branches_on_deployment(config, base, mixture, groups, run_id, label)
     raise ValueError(f"run.branch_execution={mode!r}: use 'local', 'processes' or 'deployment'")
+
+
+def _log_plan(config: MeritConfig, mixture: MixtureRef, groups: list[list[str]], label: str) -> None:
+    """One line per branch before any trains: its sources, examples and optimizer steps."""
+    log = _logger()
+    log.info("%s: %d branch%s (%s)", label, len(groups), "" if len(groups) == 1 else "es",
+             config.run.branch_execution)
+    for k, group in enumerate(groups):
+        n = sum(mixture.get(s).train for s in group)
+        names = ", ".join(sorted(group)) if len(group) <= 6 else f"{len(group)} sources"
+        log.info("branch %s %d/%d: %s — %d examples, %d steps", label, k + 1, len(groups), names, n,
+                 planned_steps(n, config.train))
 
 
 # --- deployment fan-out -------------------------------------------------------------------

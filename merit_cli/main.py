@@ -62,9 +62,11 @@ def _exit_on_sigterm() -> None:
 
 
 @contextlib.contextmanager
-def _prefect_api(timeout: float = 180) -> Iterator[None]:
+def _prefect_api(timeout: float = 180) -> Iterator[str | None]:
     """A Prefect API for a local run: the configured one (``PREFECT_API_URL``), or else
     ``prefect server start`` on a free loopback port for the length of the command.
+    Yields the UI's base URL when the API is a server that outlives the command (the
+    configured one), else None.
 
     The server gets its own session (process group), so a terminal's Ctrl-C or a
     ``kill``/``timeout`` of the whole group reaches only `merit`, which then marks the
@@ -74,8 +76,9 @@ def _prefect_api(timeout: float = 180) -> Iterator[None]:
     """
     from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 
-    if get_current_settings().api.url:
-        yield
+    settings = get_current_settings()
+    if settings.api.url:
+        yield (settings.ui_url or "").rstrip("/") or None
         return
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -105,7 +108,7 @@ def _prefect_api(timeout: float = 180) -> Iterator[None]:
             time.sleep(0.5)
         os.environ["PREFECT_API_URL"] = url  # process-pool branches and torchrun ranks inherit it
         with temporary_settings({PREFECT_API_URL: url}):
-            yield
+            yield None
     finally:
         _drain_prefect_workers()  # send queued logs/events while the server is still up
         os.environ.pop("PREFECT_API_URL", None)
@@ -145,11 +148,15 @@ def run(config: ConfigArg, set_: SetOpt = None) -> None:
     from flows.merit import merit
     from merit_core.report import metrics_markdown
 
-    with _prefect_api():
-        report = merit(cfg)
+    with _prefect_api() as ui_url:
+        state = merit(cfg, return_state=True)
+        report = state.result()
     typer.echo("\n" + metrics_markdown(report["metrics"]))
     typer.echo("\nstage timings (s): " + ", ".join(f"{t['stage']} {t['seconds']:.0f}" for t in report["timings"]))
+    typer.echo(f"merged model: {report['models']['merit']['uri']}")
     typer.echo(f"report: {report['report_uri']}")
+    if ui_url:
+        typer.echo(f"Prefect UI: {ui_url}/runs/flow-run/{state.state_details.flow_run_id}")
 
 
 @app.command()

@@ -121,6 +121,7 @@ def evaluate_benchmarks(model, tokenizer, suite: Mapping[str, Sequence[Tokenized
     benchmarks (short answers) get the answer loss and greedy exact match.
     """
     import torch
+    from tqdm.auto import tqdm
 
     from merit_core.precision import bf16_autocast
     from merit_core.evaluate import EvalRow, EvalTable, evaluate_model
@@ -136,7 +137,8 @@ def evaluate_benchmarks(model, tokenizer, suite: Mapping[str, Sequence[Tokenized
         model.eval()
         try:
             with torch.no_grad(), bf16_autocast(_device(model), bf16):
-                for n, ex in mc.items():
+                for n, ex in tqdm(mc.items(), total=len(mc), unit="benchmark", disable=None,
+                                  desc=f"benchmarks {name or 'model'}"):
                     acc, acc_norm = _source_mc(model, tokenizer, ex, batch_size, _pad_id(tokenizer), chat_template,
                                                "bytes")
                     rows[n] = EvalRow(source=n, n=len(ex), n_mc=len(ex), mc_accuracy=acc, mc_accuracy_norm=acc_norm)

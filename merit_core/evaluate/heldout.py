@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from typing import Literal
 
 import torch
+from tqdm.auto import tqdm
 
 from merit_core.batching import batches, response_loss_sum
 from merit_core.data.types import TokenizedExample
@@ -59,7 +60,8 @@ def evaluate_model(
         max_examples_per_source: evaluate only the first n examples of each source.
         mc_norm: length normalisation of ``mc_accuracy_norm``: ``"bytes"`` (UTF-8 bytes
             of the option text, min 1) or ``"tokens"`` (option tokens incl. eos).
-        name: label stored in ``EvalTable.model``.
+        name: label stored in ``EvalTable.model`` (and shown on the progress bar, which
+            appears when stderr is a terminal).
         bf16: run every forward pass and generation under bf16 autocast
             (:func:`merit_core.precision.bf16_autocast`; float32 weights and float32
             log-softmax). Compare only tables computed with the same setting.
@@ -80,7 +82,8 @@ def evaluate_model(
                              batch_size=batch_size, max_new_tokens=max_new_tokens, generate=generate,
                              multiple_choice=multiple_choice, chat_template=chat_template,
                              mc_norm=mc_norm, pad_id=pad_id)
-            for source, examples in heldout.items()
+            for source, examples in tqdm(heldout.items(), total=len(heldout), unit="source", disable=None,
+                                         desc=f"evaluate {name or 'model'}")
         ]
     return EvalTable.from_rows(rows, model=name)
 

@@ -52,11 +52,12 @@ def source_gradient(cfg: MeritConfig, store: ArtifactStore, base: ModelRef, sour
         vec = load_sketch(store, key)
         logger.info("source %s: reusing cached source gradient %s", source.name, key)
         return SketchRef(source=source.name, key=key, dim=int(vec.shape[0]), cached=True)
+    calib = load_split(store, source, "calibration")
+    logger.info("source %s: calibration gradient at θ(0) over %d examples", source.name, len(calib))
     model, tokenizer = load_model(store.fetch_dir(base.key), dtype=cfg.model.dtype,
                                   trust_remote_code=cfg.model.trust_remote_code)
     device = default_device()
     model.to(device)
-    calib = load_split(store, source, "calibration")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     vec = calibration_gradient(model, batches(calib, cfg.conflict.batch_size, pad), trainable=cfg.model.trainable,
                                sketcher=make_sketcher(cfg.conflict),

@@ -13,6 +13,7 @@ from merit_core.train.launch import (
 from merit_core.train.trainer import (
     CHECKPOINT_PREFIX,
     newest_checkpoint,
+    planned_steps,
     train_branch,
     trained_token_count,
     world_size,
@@ -26,6 +27,7 @@ __all__ = [
     "TrainStats",
     "check_train_setup",
     "newest_checkpoint",
+    "planned_steps",
     "resolve_nproc",
     "run_distributed_branch",
     "train_branch",

@@ -95,6 +95,16 @@ def newest_checkpoint(checkpoint_root: str | os.PathLike) -> Path | None:
     return max(found)[1] if found else None
 
 
+def planned_steps(n_examples: int, cfg: TrainConfig) -> int:
+    """Optimizer steps a branch of ``n_examples`` examples will make: ``max_steps`` when set,
+    else ceil(epochs × ceil(ceil(n / batch_size) / gradient_accumulation_steps)), as the
+    Trainer counts them (``batch_size`` is the global batch; packing keeps it)."""
+    if cfg.max_steps and cfg.max_steps > 0:
+        return cfg.max_steps
+    per_epoch = math.ceil(math.ceil(n_examples / cfg.batch_size) / cfg.gradient_accumulation_steps)
+    return math.ceil(cfg.epochs * per_epoch)
+
+
 def world_size() -> int:
     """Processes training this branch together (``WORLD_SIZE`` set by torchrun; 1 alone)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
