@@ -20,7 +20,6 @@ import logging
 import traceback
 from typing import Any
 
-import click
 import typer
 from typer.core import TyperGroup
 
@@ -54,17 +53,11 @@ def user_error_exit_code(exc: BaseException) -> int | None:
     return None
 
 
-def debug_enabled() -> bool:
-    """Whether the running command was called as ``merit --debug ...``."""
-    ctx = click.get_current_context(silent=True)
-    return bool(ctx is not None and ctx.find_root().params.get("debug"))
-
-
 class MeritGroup(TyperGroup):
     """The `merit` command group: turns a user error raised by any command into one
     message and an exit code (see the module docstring)."""
 
-    def invoke(self, ctx: click.Context) -> Any:
+    def invoke(self, ctx: typer.Context) -> Any:
         try:
             return super().invoke(ctx)
         except Exception as e:
@@ -94,11 +87,12 @@ class _WithoutUserTraceback(logging.Formatter):
         return self.inner.format(record)
 
 
-def quiet_user_tracebacks() -> None:
+def quiet_user_tracebacks(ctx: typer.Context) -> None:
     """Keep the tracebacks of user errors out of Prefect's console log (the root
     logger's :class:`~prefect.logging.handlers.PrefectConsoleHandler`) for this
-    process, unless ``--debug``. The messages stay; only the traceback goes."""
-    if debug_enabled():
+    process, unless the command ``ctx`` runs in was called with ``--debug``. The
+    messages stay; only the traceback goes."""
+    if ctx.find_root().params.get("debug"):
         return
     from prefect.logging.handlers import PrefectConsoleHandler
 

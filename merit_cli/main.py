@@ -148,14 +148,14 @@ def _setup_logging() -> None:
 
 
 @app.command()
-def run(config: ConfigArg, set_: SetOpt = None) -> None:
+def run(ctx: typer.Context, config: ConfigArg, set_: SetOpt = None) -> None:
     """Run the whole MERIT pipeline (flow `merit`) and print the per-source table."""
     cfg = _load(config, set_)
     _exit_on_sigterm()
     from flows.merit import merit
     from merit_core.report import metrics_markdown
 
-    quiet_user_tracebacks()
+    quiet_user_tracebacks(ctx)
     with _prefect_api():
         report = merit(cfg)
     typer.echo("\n" + metrics_markdown(report["metrics"]))
@@ -165,6 +165,7 @@ def run(config: ConfigArg, set_: SetOpt = None) -> None:
 
 @app.command()
 def study(
+    ctx: typer.Context,
     config: ConfigArg,
     seeds: Annotated[Optional[int], typer.Option("--seeds", min=1, help="Seeds (default: study.seeds)")] = None,
     first_seed: Annotated[int, typer.Option("--first-seed", min=0,
@@ -178,7 +179,7 @@ def study(
     from flows.study import merit_study
     from merit_core.report import MAIN_METRICS
 
-    quiet_user_tracebacks()
+    quiet_user_tracebacks(ctx)
     with _prefect_api():
         report = merit_study(cfg, n_seeds=seeds, first_seed=first_seed)
     typer.echo("")

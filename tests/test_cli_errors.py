@@ -131,6 +131,33 @@ def test_console_formatter_drops_only_user_tracebacks(exc, shown):
     assert "Traceback" in logging.Formatter("%(message)s").format(record)
 
 
+@pytest.mark.parametrize("debug", [False, True])
+def test_run_quiets_prefect_console_tracebacks_unless_debug(tmp_path, monkeypatch, debug):
+    import contextlib
+
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    import flows.merit
+    import merit_cli.main
+
+    consoles = [h for h in logging.getLogger().handlers if isinstance(h, PrefectConsoleHandler)]
+    assert consoles
+    for h in consoles:
+        monkeypatch.setattr(h, "formatter", h.formatter)  # restored after the test
+    monkeypatch.setattr(merit_cli.main, "_prefect_api", contextlib.nullcontext)
+    monkeypatch.setattr(merit_cli.main, "_exit_on_sigterm", lambda: None)
+
+    def fail(cfg):
+        raise DataError("source 'alpha': a.jsonl line 2: malformed JSON")
+
+    monkeypatch.setattr(flows.merit, "merit", fail)
+    config = _config_file(tmp_path, tmp_path / "model")
+    res = CliRunner().invoke(app, [*(["--debug"] if debug else []), "run", str(config)])
+    assert res.exit_code == 1 and "error: source 'alpha': a.jsonl line 2: malformed JSON" in res.output
+    assert ("Traceback" in res.output) is debug
+    assert all(isinstance(h.formatter, _WithoutUserTraceback) for h in consoles) is not debug
+
+
 def test_run_with_a_malformed_source_line(tmp_path, tiny_model_dir):
     """`merit run` for real (local Prefect server): the task's traceback stays out of the
     console, the last line names the file and line, exit code 1, no retries."""
