@@ -8,6 +8,10 @@
     merit merge OUT IN... --weights ...    merge HF checkpoints
     merit eval MODEL_DIR CONFIG            held-out metrics of one model
     merit sources add CONFIG --name ...    register a source, emit merit.data_source.added
+
+A user error (config, data, store, model source, train settings) prints one message and
+no traceback; `merit --debug ...` shows every traceback. Exit codes: 2 usage, 1 run
+failure (merit_cli/errors.py).
 """
 
 from __future__ import annotations
@@ -34,23 +38,29 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # console and to the flow run's logs in the API/UI.
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "merit,merit_core")
 
+from merit_cli.errors import MeritGroup, quiet_user_tracebacks
 from merit_cli.sources import sources_app
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="MERIT: conflict-aware splitting and merging.")
+app = typer.Typer(cls=MeritGroup, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="MERIT: conflict-aware splitting and merging.")
 app.add_typer(sources_app, name="sources")  # merit sources add|list (merit_cli/sources.py)
 
 ConfigArg = Annotated[Path, typer.Argument(help="MeritConfig YAML file, e.g. configs/demo.yaml")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a field: key.path=value (repeatable)")]
 
 
-def _load(config: Path, overrides: list[str] | None):
-    from merit_core.config import ConfigError, load_config
+@app.callback()
+def _options(
+    debug: Annotated[bool, typer.Option("--debug", help="Show the full traceback of every error")] = False,
+) -> None:
+    """MERIT: conflict-aware splitting and merging."""
 
-    try:
-        return load_config(config, overrides or [])
-    except ConfigError as e:
-        typer.secho(str(e), fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from None
+
+def _load(config: Path, overrides: list[str] | None):
+    """The validated config; a ConfigError names the file and field (exit code 2)."""
+    from merit_core.config import load_config
+
+    return load_config(config, overrides or [])
 
 
 def _exit_on_sigterm() -> None:
@@ -144,13 +154,14 @@ def _setup_logging() -> None:
 
 
 @app.command()
-def run(config: ConfigArg, set_: SetOpt = None) -> None:
+def run(ctx: typer.Context, config: ConfigArg, set_: SetOpt = None) -> None:
     """Run the whole MERIT pipeline (flow `merit`) and print the per-source table."""
     cfg = _load(config, set_)
     _exit_on_sigterm()
     from flows.merit import merit
     from merit_core.report import metrics_markdown
 
+    quiet_user_tracebacks(ctx)
     with _prefect_api() as ui_url:
         state = merit(cfg, return_state=True)
         report = state.result()
@@ -164,6 +175,7 @@ def run(config: ConfigArg, set_: SetOpt = None) -> None:
 
 @app.command()
 def study(
+    ctx: typer.Context,
     config: ConfigArg,
     seeds: Annotated[Optional[int], typer.Option("--seeds", min=1, help="Seeds (default: study.seeds)")] = None,
     first_seed: Annotated[int, typer.Option("--first-seed", min=0,
@@ -177,6 +189,7 @@ def study(
     from flows.study import merit_study
     from merit_core.report import MAIN_METRICS
 
+    quiet_user_tracebacks(ctx)
     with _prefect_api():
         report = merit_study(cfg, n_seeds=seeds, first_seed=first_seed)
     typer.echo("")
@@ -191,15 +204,11 @@ def study_report(
     folder: Annotated[Path, typer.Argument(help="Results folder with seeds/seed-<i>.json (e.g. bench/results/study-gpu)")],
 ) -> None:
     """Rebuild a study report (report.md, report.json, PNGs) in FOLDER from every seed record in it."""
-    from merit_core.pipeline.study import StudyRecordError, combine, read_records
+    from merit_core.pipeline.study import combine, read_records
     from merit_core.report import MAIN_METRICS, write_study_report
 
-    try:
-        records = read_records(folder)
-        data = write_study_report(folder, **combine(records, where=str(folder)))
-    except StudyRecordError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+    records = read_records(folder)  # StudyRecordError: exit code 2
+    data = write_study_report(folder, **combine(records, where=str(folder)))
     for c in data["summary"]["comparisons"]:
         if c["metric_key"] in MAIN_METRICS:
             typer.echo(f"- {c['verdict']}")
@@ -252,7 +261,10 @@ def merge(
     _setup_logging()
     from merit_core.merge import merge_checkpoints
 
-    w = [float(x) for x in weights.split(",")] if weights else None
+    try:
+        w = [float(x) for x in weights.split(",")] if weights else None
+    except ValueError:
+        raise typer.BadParameter(f"{weights!r} is not a comma-separated list of numbers", param_hint="--weights") from None
     out = merge_checkpoints(inputs, w, output, method=method, base=base)
     typer.echo(f"merged {len(inputs)} checkpoints -> {out}")
 

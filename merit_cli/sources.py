@@ -178,11 +178,7 @@ def add(
     spec = dict(name=name, kind=kind, task=task, path=path, dataset=dataset, config_name=config_name,
                 split=split, prompt_field=prompt_field, response_field=response_field,
                 messages_field=messages_field, system_prompt=system_prompt, max_examples=max_examples)
-    try:
-        written = add_source(config, spec)
-    except SourceError as e:
-        typer.secho(str(e), fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from None
+    written = add_source(config, spec)  # SourceError: one message, exit code 2 (merit_cli/errors.py)
     typer.echo(f"added source {name!r} ({kind}) to {config}")
     if not emit:
         return
@@ -197,13 +193,9 @@ def add(
 @sources_app.command("list")
 def list_(config: Annotated[Path, typer.Argument(help="MeritConfig YAML file")]) -> None:
     """List the sources registered in CONFIG."""
-    from merit_core.config import ConfigError, load_config
+    from merit_core.config import load_config
 
-    try:
-        cfg = load_config(config)
-    except ConfigError as e:
-        typer.secho(str(e), fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from None
+    cfg = load_config(config)  # ConfigError: one message, exit code 2 (merit_cli/errors.py)
     for s in cfg.data.sources:
         typer.echo(f"{s.name}\t{s.kind}\t{s.task or s.path or s.dataset}")
 

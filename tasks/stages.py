@@ -14,6 +14,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from merit_core.benchmarks import BenchmarkSuite
 from merit_core.config import MeritConfig
+from merit_core.data import ChatTemplateError, DataError
 from merit_core.pipeline import reports
 from merit_core.pipeline.base import prepare_base
 from merit_core.pipeline.branches import collect_branches, train_branch
@@ -46,7 +47,13 @@ def _retry_unless_setup_error(task, task_run, state) -> bool:
     return not isinstance(state.result(raise_on_failure=False), TrainSetupError)
 
 
-STORAGE_RETRIES = dict(retries=2, retry_delay_seconds=[5, 20])
+def _retry_unless_bad_input(task, task_run, state) -> bool:
+    """Retry a failed storage stage unless it failed on its input (a malformed source
+    line, a tokenizer without a chat template): the same input fails the same way."""
+    return not isinstance(state.result(raise_on_failure=False), (DataError, ChatTemplateError))
+
+
+STORAGE_RETRIES = dict(retries=2, retry_delay_seconds=[5, 20], retry_condition_fn=_retry_unless_bad_input)
 TRAIN_RETRIES = dict(retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=_retry_unless_setup_error)
 
 
