@@ -144,13 +144,13 @@ def test_run_quiets_prefect_console_tracebacks_unless_debug(tmp_path, monkeypatc
     assert consoles
     for h in consoles:
         monkeypatch.setattr(h, "formatter", h.formatter)  # restored after the test
-    monkeypatch.setattr(merit_cli.main, "_prefect_api", contextlib.nullcontext)
     monkeypatch.setattr(merit_cli.main, "_exit_on_sigterm", lambda: None)
 
-    def fail(cfg):
+    def fail(cfg, return_state=False):
         raise DataError("source 'alpha': a.jsonl line 2: malformed JSON")
 
     monkeypatch.setattr(flows.merit, "merit", fail)
+    monkeypatch.setattr(merit_cli.main, "_prefect_api", lambda: contextlib.nullcontext(None))
     config = _config_file(tmp_path, tmp_path / "model")
     res = CliRunner().invoke(app, [*(["--debug"] if debug else []), "run", str(config)])
     assert res.exit_code == 1 and "error: source 'alpha': a.jsonl line 2: malformed JSON" in res.output
