@@ -12,6 +12,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+def pytest_configure(config):
+    """Set Prefect's logging up once, bound to the session's stderr. Otherwise the first
+    test to trigger it decides: a CliRunner invocation binds Prefect's console handler
+    to CliRunner's temporary stream, and every later flow logs into a closed file."""
+    from prefect.logging.configuration import setup_logging
+
+    setup_logging()
+
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"

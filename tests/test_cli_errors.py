@@ -87,6 +87,7 @@ def test_debug_shows_the_traceback_of_a_user_error(tmp_path):
 
 def test_internal_error_keeps_its_traceback(tmp_path, monkeypatch):
     import merit_core.pipeline.base
+    import tasks.stages  # noqa: F401 — imported before the patch, so it keeps the real prepare_base
 
     def boom(cfg, store):
         raise RuntimeError("a bug")
