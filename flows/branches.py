@@ -93,7 +93,7 @@ def _log_plan(config: MeritConfig, mixture: MixtureRef, groups: list[list[str]],
     for k, group in enumerate(groups):
         n = sum(mixture.get(s).train for s in group)
         names = ", ".join(sorted(group)) if len(group) <= 6 else f"{len(group)} sources"
-        log.info("branch %s %d/%d: %s — %d examples, %d steps", label, k + 1, len(groups), names, n,
+        log.info("%s-branch-%d (%d of %d): %s — %d examples, %d steps", label, k, k + 1, len(groups), names, n,
                  planned_steps(n, config.train))
 
 
