@@ -87,16 +87,28 @@ def test_full_deployment_schedule_trigger_and_concurrency():
 
 
 def test_full_deployment_default_parameters_are_valid():
+    """Quick run and the weekly schedule start configs/quick.yaml (the README's ~8-minute
+    main command), branches on merit-branch/process; no config form competes with it."""
     from flows.merit import merit
+    from merit_core.config import choose_config
 
-    params = _deployments()["full"]["parameters"]
+    full = _deployments()["full"]
+    params = full["parameters"]
+    overrides = ["run.branch_execution=deployment", "run.branch_deployment=merit-branch/process"]
+    assert params == {"config_path": "configs/quick.yaml", "overrides": overrides}
     validated = merit.validate_parameters(params)
-    assert isinstance(validated["config"], MeritConfig)
-    demo = REPO / params["config_path"]
-    if not demo.is_file():
-        pytest.skip(f"{params['config_path']} is not in this checkout yet")
-    cfg = load_config(demo, params["overrides"])
-    assert cfg.run.branch_execution == "deployment" and cfg.run.branch_deployment == "merit-branch/process"
+    assert validated.get("config") is None
+    chosen = choose_config(validated.get("config"), REPO / params["config_path"], params["overrides"])
+    assert chosen.source == f"{REPO / 'configs/quick.yaml'} + overrides [{', '.join(overrides)}]"
+    assert not chosen.form_ignored and chosen.config.run.name == "merit-quick"
+    assert chosen.config.run.branch_execution == "deployment"
+    assert chosen.config.run.branch_deployment == "merit-branch/process"
+    # the UI labels say so: the deployment's description and the schedule's comment
+    assert "Quick run (the defaults) runs configs/quick.yaml" in " ".join(full["description"].split())
+    text = (REPO / "prefect.yaml").read_text()
+    schedule_comment = text[text.index("    schedules:"):text.index('- cron: "0 3 * * 1"')]
+    assert "configs/quick.yaml" in schedule_comment
+    assert "merit run configs/quick.yaml" in (REPO / "README.md").read_text()
 
 
 # --- work-pool templates ----------------------------------------------------------------
@@ -191,10 +203,10 @@ def fanout_env(tmp_path, monkeypatch):
     outcome: dict[int, str] = {}  # index -> "ok" | "fail" | "nomanifest"
     runs: dict = {}
 
-    def fake_run_deployment(name, parameters, idempotency_key, as_subflow, timeout, tags):
+    def fake_run_deployment(name, parameters, idempotency_key, as_subflow, timeout, tags, flow_run_name):
         json.dumps(parameters)  # what travels to the API must be plain JSON
         assert timeout == 0 and as_subflow
-        calls.append(dict(name=name, key=idempotency_key, **parameters))
+        calls.append(dict(name=name, key=idempotency_key, flow_run_name=flow_run_name, **parameters))
         run = _flow_run(f"child-{parameters['index']}", Scheduled())
         runs[run.id] = parameters
         return run
@@ -228,6 +240,7 @@ def test_fanout_starts_one_child_per_group_and_reads_the_store(fanout_env):
     go, calls, _ = fanout_env
     out = go([["b", "a"], ["c"]])
     assert [c["key"] for c in calls] == ["parent-run-run1-merit-0", "parent-run-run1-merit-1"]
+    assert [c["flow_run_name"] for c in calls] == ["run1-merit-branch-0", "run1-merit-branch-1"]
     assert all(c["name"] == "merit-branch/process" for c in calls)
     assert [c["sources"] for c in calls] == [["b", "a"], ["c"]]
     assert [b.index for b in out] == [0, 1] and [b.trained_tokens for b in out] == [100, 101]
