@@ -171,7 +171,7 @@ def _run_script(tmp_path: Path, script: str, *args: str, **env: str):
     log = tmp_path / "calls.log"
     log.unlink(missing_ok=True)
     base = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MERIT_"))}
-    res = subprocess.run(["bash", str(REPO / script), *args], capture_output=True, text=True, timeout=30,
+    res = subprocess.run(["bash", str(REPO / script), *args], capture_output=True, text=True, timeout=30, check=False,
                          env={**base, "PREFECT": str(_fake_prefect(tmp_path)), "FAKE_LOG": str(log), **env})
     calls = log.read_text().splitlines() if log.exists() else []
     return res, calls
