@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from merit_core.fanout import GradientFanoutFields
 from merit_core.merge.config import MergeConfig
 
 
@@ -99,8 +100,9 @@ class ModelConfig(_Strict):
     trainable: str | list[str] = Field("all", description="'all', 'lm' (language model only), or name patterns.")
 
 
-class ConflictConfig(_Strict):
-    """Calibration gradients and the conflict matrix (spec step 1)."""
+class ConflictConfig(_Strict, GradientFanoutFields):
+    """Calibration gradients and the conflict matrix (spec step 1); where the gradients
+    run (``execution``, ``workers``, ``deployment``, ``threads``): merit_core/fanout.py."""
 
     calibration_size: int = Field(200, ge=1)
     sketch: Literal["countsketch", "stride", "full"] = "countsketch"

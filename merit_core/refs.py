@@ -34,6 +34,8 @@ class SourceInfo(BaseModel):
     train: int
     heldout: int
     calibration: int
+    calibration_tokens: int = Field(0, description="Input tokens of the calibration examples (what g_t costs); "
+                                    "0 in references made before this field existed.")
     loss_tokens: int
     truncated: int = 0
     dropped: int = 0
@@ -63,6 +65,20 @@ class SketchRef(BaseModel):
     key: str
     dim: int
     cached: bool = False
+
+
+class GradientPlan(BaseModel):
+    """The source-gradient stage before it runs: the sketches already in the store and the
+    other sources in batches, one per worker (θ(0) loaded once per batch)."""
+
+    cached: list[SketchRef] = Field(default_factory=list)
+    batches: list[list[SourceInfo]] = Field(default_factory=list)
+    batch_tokens: list[int] = Field(default_factory=list, description="Calibration tokens per batch.")
+
+    @property
+    def todo(self) -> int:
+        """Number of sources still to compute."""
+        return sum(len(b) for b in self.batches)
 
 
 class ConflictMatrix(BaseModel):
