@@ -126,8 +126,8 @@ def report(results: dict, workers: int, command: str) -> tuple[str, dict]:
     mix = results.pop("_mixture")
     names = list(results)
     ref, one_thread = results[names[0]], results["local, 1 thread"]
-    lines = [f"CPU: {cpu_name()}; {mix['sources']} sources, {mix['calibration_examples']} calibration examples, "
-             f"{mix['calibration_tokens']} calibration tokens", "",
+    lines = [(f"CPU: {cpu_name()}; {mix['sources']} sources, {mix['calibration_examples']} calibration examples, "
+              f"{mix['calibration_tokens']} calibration tokens"), "",
              "| variant | seconds | vs one at a time | sketches vs one at a time | vs local, 1 thread |",
              "|---|---:|---:|---|---|"]
     for name in names:
