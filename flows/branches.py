@@ -186,7 +186,7 @@ def wait_for_flow_runs(ids: Sequence[UUID], timeout: float | None) -> dict[UUID,
     runs = run_coro_as_sync(every())
     for r in runs:
         if r.state is not None and r.state.is_final():
-            _logger().info("branch flow run %s finished: %s", r.name, r.state.name)
+            _logger().info("flow run %s finished: %s", r.name, r.state.name)
     return {r.id: r for r in runs}
 
 

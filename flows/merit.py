@@ -9,6 +9,7 @@ from prefect import flow, get_run_logger
 
 from flows.branches import run_branches
 from flows.common import merit_run_name, resolve_config, run_id, stage_timer
+from flows.gradients import run_source_gradients
 from merit_core.config import MeritConfig
 from merit_core.refs import ModelRef, StageTiming
 from tasks import (
@@ -20,7 +21,6 @@ from tasks import (
     report_task,
     resolve_benchmarks_task,
     resolve_mixture_task,
-    source_gradient_task,
     split_task,
 )
 
@@ -52,7 +52,7 @@ def merit(config_path: str | None = None, overrides: list[str] | None = None,
 
     # 1. Conflict estimation: g_t at θ(0) per source (cached), cosine matrix C.
     with stage("source gradients"):
-        sketches = [source_gradient_task(config, base, s) for s in mixture.sources]
+        sketches = run_source_gradients(config, base, mixture)  # conflict.execution: local|processes|deployment
         log.info("source gradients: %d computed, %d reused from cache",
                  sum(not s.cached for s in sketches), sum(s.cached for s in sketches))
     with stage("conflict matrix"):

@@ -15,6 +15,7 @@ from prefect import flow, get_run_logger
 
 from flows.branches import run_branches
 from flows.common import resolve_config, study_id, study_run_name
+from flows.gradients import run_source_gradients
 from merit_core.config import MeritConfig
 from merit_core.pipeline.study import StudyOps, run_study, with_sections
 from merit_core.study import check_study_config, r_values, seeds
@@ -29,14 +30,13 @@ from tasks import (
     resolve_benchmarks_task,
     resolve_mixture_task,
     save_seed_record_task,
-    source_gradient_task,
     split_task,
     study_report_task,
 )
 
 PREFECT_OPS = StudyOps(
     prepare_base=prepare_base_task, resolve_mixture=resolve_mixture_task,
-    resolve_benchmarks=resolve_benchmarks_task, source_gradient=source_gradient_task, conflict=conflict_task,
+    resolve_benchmarks=resolve_benchmarks_task, source_gradients=run_source_gradients, conflict=conflict_task,
     split=split_task, run_branches=run_branches, merge=merge_task, evaluate=evaluate_task,
     evaluate_benchmarks=evaluate_benchmarks_task, displacement=displacement_task,
 )

@@ -236,7 +236,7 @@ def split(config: ConfigArg, set_: SetOpt = None) -> None:
     cfg = _load(config, set_)
     _setup_logging()
     from merit_core.pipeline.base import prepare_base
-    from merit_core.pipeline.conflict import build_conflict_matrix, source_gradient
+    from merit_core.pipeline.conflict import build_conflict_matrix, source_gradients
     from merit_core.pipeline.mixture import resolve_mixture
     from merit_core.pipeline.partition import partition_sources
     from tasks.store import run_store
@@ -244,7 +244,7 @@ def split(config: ConfigArg, set_: SetOpt = None) -> None:
     store = run_store(cfg)
     base = prepare_base(cfg, store)
     m = resolve_mixture(cfg, store, base)
-    sketches = [source_gradient(cfg, store, base, s) for s in m.sources]
+    sketches = source_gradients(cfg, store, base, m.sources, threads=cfg.conflict.threads)  # θ(0) loaded once
     part = partition_sources(cfg, build_conflict_matrix(cfg, store, sketches), m)
     typer.echo(json.dumps(part.model_dump(), indent=2))
 

@@ -18,6 +18,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from merit_core.config_base import StrictModel
+from merit_core.fanout import GradientFanoutFields
 from merit_core.merge.config import MergeConfig
 from merit_core.source_spec import SourceSpec, source_overlap, task_family, unique_source_names
 
@@ -64,8 +65,9 @@ class ModelConfig(StrictModel):
     trainable: str | list[str] = Field("all", description="'all', 'lm' (language model only), or name patterns.")
 
 
-class ConflictConfig(StrictModel):
-    """Calibration gradients and the conflict matrix (spec step 1)."""
+class ConflictConfig(StrictModel, GradientFanoutFields):
+    """Calibration gradients and the conflict matrix (spec step 1); where the gradients
+    run (``execution``, ``workers``, ``deployment``, ``threads``): merit_core/fanout.py."""
 
     calibration_size: int = Field(200, ge=1, description="Calibration examples per source (from its train part) "
                                   "behind its gradient g_t at θ(0).")

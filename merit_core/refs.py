@@ -34,6 +34,8 @@ class SourceInfo(BaseModel):
     train: int = Field(description="Training examples (n_t).")
     heldout: int = Field(description="Held-out examples (evaluation only).")
     calibration: int = Field(description="Calibration examples (drawn from train) behind the gradient g_t.")
+    calibration_tokens: int = Field(0, description="Input tokens of the calibration examples (what g_t costs); "
+                                    "0 in references made before this field existed.")
     loss_tokens: int = Field(description="Loss-bearing (response) tokens of the training examples.")
     truncated: int = Field(0, description="Examples cut to data.max_length.")
     dropped: int = Field(0, description="Examples dropped (no response token left after truncation).")
@@ -63,6 +65,20 @@ class SketchRef(BaseModel):
     key: str
     dim: int
     cached: bool = False
+
+
+class GradientPlan(BaseModel):
+    """The source-gradient stage before it runs: the sketches already in the store and the
+    other sources in batches, one per worker (θ(0) loaded once per batch)."""
+
+    cached: list[SketchRef] = Field(default_factory=list)
+    batches: list[list[SourceInfo]] = Field(default_factory=list)
+    batch_tokens: list[int] = Field(default_factory=list, description="Calibration tokens per batch.")
+
+    @property
+    def todo(self) -> int:
+        """Number of sources still to compute."""
+        return sum(len(b) for b in self.batches)
 
 
 class ConflictMatrix(BaseModel):

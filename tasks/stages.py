@@ -18,7 +18,13 @@ from merit_core.data import ChatTemplateError, DataError
 from merit_core.pipeline import reports
 from merit_core.pipeline.base import prepare_base
 from merit_core.pipeline.branches import collect_branches, train_branch
-from merit_core.pipeline.conflict import build_conflict_matrix, source_gradient
+from merit_core.pipeline.conflict import (
+    build_conflict_matrix,
+    collect_source_gradients,
+    plan_source_gradients,
+    source_gradient,
+    source_gradients,
+)
 from merit_core.pipeline.evaluate import (
     displacement,
     evaluate_benchmarks,
@@ -32,6 +38,7 @@ from merit_core.pipeline.study import SeedRecord
 from merit_core.refs import (
     BranchRef,
     ConflictMatrix,
+    GradientPlan,
     MixtureRef,
     ModelRef,
     Partition,
@@ -79,6 +86,26 @@ def source_gradient_task(config: MeritConfig, base: ModelRef, source: SourceInfo
     result cache: the store is what every worker shares, and a cache entry there cannot
     outlive the sketch it points to (a Prefect cache hit could, after a store is wiped)."""
     return source_gradient(config, run_store(config), base, source)
+
+
+@task(name="plan-source-gradients", **STORAGE_RETRIES)
+def plan_source_gradients_task(config: MeritConfig, base: ModelRef, mixture: MixtureRef, workers: int) -> GradientPlan:
+    """Sketches already stored, and the other sources in at most ``workers`` batches."""
+    return plan_source_gradients(config, run_store(config), base, mixture.sources, workers)
+
+
+@task(name="source-gradients", task_run_name="source-gradients-{batch}", **STORAGE_RETRIES)
+def source_gradients_task(config: MeritConfig, base: ModelRef, sources: list[SourceInfo], batch: int = 0,
+                          threads: int | None = None) -> list[SketchRef]:
+    """g_t of a batch of sources with θ(0) loaded once; cached per source in the store
+    like ``source_gradient_task`` (a retry recomputes only the sketches not committed)."""
+    return source_gradients(config, run_store(config), base, sources, threads=threads)
+
+
+@task(name="collect-source-gradients", **STORAGE_RETRIES)
+def collect_source_gradients_task(config: MeritConfig, base: ModelRef, sources: list[SourceInfo]) -> list[SketchRef]:
+    """The sketches that flow runs on other workers committed, read back from the store."""
+    return collect_source_gradients(config, run_store(config), base, sources)
 
 
 @task(name="conflict-matrix")

@@ -24,8 +24,22 @@ def _prefect_yaml() -> dict:
     return yaml.safe_load((REPO / "prefect.yaml").read_text())
 
 
+def _flow_deployments() -> dict[str, dict]:
+    """Every deployment by its full name ``<flow>/<name>`` (the name of the flow object
+    at the entrypoint, as `prefect deploy --name flow/name` matches it)."""
+    import importlib
+
+    def flow_name(entrypoint: str) -> str:
+        path, attr = entrypoint.split(":")
+        return getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), attr).name
+
+    return {flow_name(d["entrypoint"]) + "/" + d["name"]: d for d in _prefect_yaml()["deployments"]}
+
+
 def _deployments() -> dict[str, dict]:
-    return {d["name"]: d for d in _prefect_yaml()["deployments"]}
+    """The deployments of flows `merit` and `merit-branch` by name (merit-gradients/process
+    repeats the name `process`: tests/test_gradients_fanout.py checks it)."""
+    return {d["name"]: d for d in _prefect_yaml()["deployments"] if not d["entrypoint"].startswith("flows/gradients.py")}
 
 
 # --- prefect.yaml -----------------------------------------------------------------------
@@ -44,6 +58,11 @@ def test_prefect_yaml_deployments_and_pools():
         assert deps[name]["work_pool"]["name"] == pool
     # the default branch deployment of the config is one of them
     assert MeritConfig().run.branch_deployment == "merit-branch/process"
+
+
+def test_prefect_yaml_lists_every_deployment_by_flow():
+    assert set(_flow_deployments()) == {"merit/full", "merit-branch/process", "merit-branch/docker-gpu",
+                                        "merit-branch/k8s-gpu", "merit-gradients/process"}
 
 
 def test_prefect_yaml_steps_reference_their_outputs():

@@ -1,25 +1,32 @@
 """Stages *source gradient* and *conflict matrix* (MERIT spec step 1, paper §3.1): the
 sketched mean calibration gradient g_t of every source at θ(0), cached in the store,
-and the T×T conflict matrix C from them."""
+and the T×T conflict matrix C from them.
+
+The gradients of many sources run in batches (:func:`source_gradients`, θ(0) loaded once
+per batch) that :func:`plan_source_gradients` balances over workers; where the batches
+run is the caller's business (flows/gradients.py: local, process pool or deployment)."""
 
 from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from merit_core.batching import batches
 from merit_core.config import MeritConfig
 from merit_core.conflict import conflict_matrix, make_sketcher
 from merit_core.conflict import source_gradient as calibration_gradient
+from merit_core.fanout import FANOUT_FIELDS, balanced_batches
 from merit_core.models import load_model
 from merit_core.pipeline.layout import sketch_key
 from merit_core.pipeline.mixture import load_split
 from merit_core.precision import default_device, resolve_bf16
-from merit_core.refs import ConflictMatrix, ModelRef, SketchRef, SourceInfo
+from merit_core.refs import ConflictMatrix, GradientPlan, ModelRef, SketchRef, SourceInfo
 from merit_core.store import ArtifactStore
 
 logger = logging.getLogger("merit")
@@ -27,9 +34,10 @@ logger = logging.getLogger("merit")
 
 def source_sketch_key(cfg: MeritConfig, base: ModelRef, source: SourceInfo) -> str:
     """Store key of g_t for this model, source content and the settings that change it
-    (conflict section except ``kind``, which only C depends on; sketcher; trainable; dtype)."""
+    (conflict section except ``kind``, which only C depends on, and the execution fields
+    of :mod:`merit_core.fanout`, which do not change g_t; sketcher; trainable; dtype)."""
     settings = {
-        "conflict": cfg.conflict.model_dump(exclude={"kind"}),
+        "conflict": cfg.conflict.model_dump(exclude={"kind", *FANOUT_FIELDS}),
         "sketcher": make_sketcher(cfg.conflict).settings(),
         "trainable": cfg.model.trainable,
         "dtype": cfg.model.dtype,
@@ -38,27 +46,132 @@ def source_sketch_key(cfg: MeritConfig, base: ModelRef, source: SourceInfo) -> s
 
 
 def source_gradient(cfg: MeritConfig, store: ArtifactStore, base: ModelRef, source: SourceInfo) -> SketchRef:
-    """Sketch of the mean calibration gradient g_t of one source at θ(0).
+    """Sketch of the mean calibration gradient g_t of one source at θ(0): the batch of
+    :func:`source_gradients` with this one source (stored sketch reused when present)."""
+    return source_gradients(cfg, store, base, [source])[0]
 
-    Reuses the stored sketch when one exists for the same model, source content and
-    settings (adding sources costs only their own gradients). Computed on the GPU when
+
+def source_gradients(cfg: MeritConfig, store: ArtifactStore, base: ModelRef, sources: Sequence[SourceInfo],
+                     threads: int | None = None) -> list[SketchRef]:
+    """Sketches of the mean calibration gradients g_t of ``sources`` at θ(0), one batch:
+    θ(0) is loaded at most once (not at all when every sketch is stored already).
+
+    A sketch in the store for the same model, source content and settings is reused
+    (adding sources costs only their own gradients). Each computed sketch is committed
+    as soon as it is done, so a batch that fails part way keeps what it finished and a
+    retry computes only the rest. The model is left unchanged after every source
+    (:func:`merit_core.conflict.source_gradient`), so for a given torch thread count a
+    sketch is bit-identical whatever batch it is computed in. Computed on the GPU when
     there is one.
 
+    Args:
+        threads: torch CPU threads while computing (restored afterwards); None keeps
+            torch's current setting.
+
     Returns:
-        SketchRef: store key and dimension of the float32 sketch vector, ``cached``.
+        One SketchRef per source, in the order of ``sources``: store key and dimension of
+        the float32 sketch vector, ``cached`` when it was in the store already.
+
+    Raises:
+        ValueError: a source's calibration examples carry no response token.
+        merit_core.store.StoreError: the store cannot be read or written.
     """
-    key = source_sketch_key(cfg, base, source)
-    if store.exists(key):
-        vec = load_sketch(store, key)
-        logger.info("source %s: reusing cached source gradient %s", source.name, key)
-        return SketchRef(source=source.name, key=key, dim=int(vec.shape[0]), cached=True)
-    calib = load_split(store, source, "calibration")
-    logger.info("source %s: calibration gradient at θ(0) over %d examples", source.name, len(calib))
+    refs: dict[str, SketchRef] = {}
+    todo: list[tuple[SourceInfo, str]] = []
+    for source in sources:
+        key = source_sketch_key(cfg, base, source)
+        if store.exists(key):
+            refs[source.name] = _stored_ref(store, key, source.name, cached=True)
+            logger.info("source %s: reusing cached source gradient %s", source.name, key)
+        else:
+            todo.append((source, key))
+    if todo:
+        with _torch_threads(threads):
+            model, pad, device = _load_base(cfg, store, base)
+            for source, key in todo:
+                refs[source.name] = _compute_sketch(cfg, store, model, pad, device, source, key)
+    return [refs[s.name] for s in sources]
+
+
+def plan_source_gradients(cfg: MeritConfig, store: ArtifactStore, base: ModelRef, sources: Sequence[SourceInfo],
+                          workers: int) -> GradientPlan:
+    """Which sketches are stored already, and the other sources in ``min(workers, n)``
+    batches of about equal calibration tokens (:func:`merit_core.fanout.balanced_batches`,
+    deterministic; each batch keeps the order of ``sources``). Sources without token
+    counts (``calibration_tokens`` 0, older references) are balanced by calibration
+    examples instead, all of them, so costs stay in one unit.
+
+    Raises:
+        ValueError: ``workers < 1``.
+        merit_core.store.StoreError: the store cannot be read.
+    """
+    cached, todo = [], []
+    for source in sources:
+        key = source_sketch_key(cfg, base, source)
+        if store.exists(key):
+            cached.append(_stored_ref(store, key, source.name, cached=True))
+        else:
+            todo.append(source)
+    by_tokens = all(s.calibration_tokens > 0 for s in todo)
+    costs = [s.calibration_tokens if by_tokens else s.calibration for s in todo]
+    groups = balanced_batches(costs, workers) if todo else []
+    return GradientPlan(cached=cached, batches=[[todo[i] for i in g] for g in groups],
+                        batch_tokens=[sum(todo[i].calibration_tokens for i in g) for g in groups])
+
+
+def collect_source_gradients(cfg: MeritConfig, store: ArtifactStore, base: ModelRef,
+                             sources: Sequence[SourceInfo]) -> list[SketchRef]:
+    """The sketches of ``sources`` that workers elsewhere committed, read back from the
+    store (``cached`` False: this run computed them).
+
+    Raises:
+        SketchStoreError: a sketch is missing (names the sources and keys).
+    """
+    keys = [(s.name, source_sketch_key(cfg, base, s)) for s in sources]
+    missing = [f"{name} ({key})" for name, key in keys if not store.exists(key)]
+    if missing:
+        raise SketchStoreError(f"{len(missing)} source gradient sketch(es) missing from store {store.uri}: "
+                               + ", ".join(missing))
+    return [_stored_ref(store, key, name, cached=False) for name, key in keys]
+
+
+class SketchStoreError(RuntimeError):
+    """A source-gradient sketch that a worker should have committed is not in the store."""
+
+
+def _stored_ref(store: ArtifactStore, key: str, name: str, cached: bool) -> SketchRef:
+    return SketchRef(source=name, key=key, dim=int(load_sketch(store, key).shape[0]), cached=cached)
+
+
+@contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    """Within the block, torch uses ``threads`` CPU threads (None: unchanged)."""
+    if threads is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _load_base(cfg: MeritConfig, store: ArtifactStore, base: ModelRef) -> tuple[torch.nn.Module, int, torch.device]:
+    """θ(0) on the default device, with the pad id its batches use."""
     model, tokenizer = load_model(store.fetch_dir(base.key), dtype=cfg.model.dtype,
                                   trust_remote_code=cfg.model.trust_remote_code)
     device = default_device()
     model.to(device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return model, pad, device
+
+
+def _compute_sketch(cfg: MeritConfig, store: ArtifactStore, model: torch.nn.Module, pad: int,
+                    device: torch.device, source: SourceInfo, key: str) -> SketchRef:
+    """g_t of one source with the loaded θ(0), committed to the store at ``key``."""
+    calib = load_split(store, source, "calibration")
+    logger.info("source %s: calibration gradient at θ(0) over %d examples", source.name, len(calib))
     vec = calibration_gradient(model, batches(calib, cfg.conflict.batch_size, pad), trainable=cfg.model.trainable,
                                sketcher=make_sketcher(cfg.conflict),
                                bf16=resolve_bf16(cfg.conflict.bf16, device, "conflict.bf16"))

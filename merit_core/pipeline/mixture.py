@@ -46,6 +46,7 @@ def resolve_mixture(cfg: MeritConfig, store: ArtifactStore, base: ModelRef) -> M
         infos.append(SourceInfo(
             name=name, kind=spec.kind, content_hash=sd.content_hash, key=key, examples=st.examples,
             train=st.train_examples, heldout=st.heldout_examples, calibration=st.calibration_examples,
+            calibration_tokens=sum(len(e.input_ids) for e in sd.calibration),
             loss_tokens=st.loss_tokens, truncated=st.truncated, dropped=st.dropped,
             has_options=any(e.example is not None and e.example.options for e in sd.heldout),
         ))

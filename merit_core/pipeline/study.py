@@ -42,6 +42,7 @@ from merit_core.refs import (
     MixtureRef,
     ModelRef,
     Partition,
+    SketchRef,
     StageTiming,
 )
 from merit_core.store import ArtifactStore
@@ -63,12 +64,14 @@ class StudyOps:
     """The stage calls of a study: the :mod:`merit_core.pipeline` stage functions with the
     store already bound (``fn(config, ...)``; ``displacement(config, base, models)``), and
     ``run_branches(config, base, mixture, groups, run_id, label) -> list[BranchRef]``
-    (one branch per group, however the executor runs them)."""
+    (one branch per group, however the executor runs them) and
+    ``source_gradients(config, base, mixture) -> list[SketchRef]`` (every source, in
+    mixture order, however the executor batches them)."""
 
     prepare_base: Callable[..., ModelRef]
     resolve_mixture: Callable[..., MixtureRef]
     resolve_benchmarks: Callable[..., BenchmarkSuite]
-    source_gradient: Callable[..., Any]
+    source_gradients: Callable[..., list[SketchRef]]
     conflict: Callable[..., ConflictMatrix]
     split: Callable[..., Partition]
     run_branches: Callable[..., list[BranchRef]]
@@ -83,7 +86,7 @@ def plain_ops(store: ArtifactStore) -> StudyOps:
     after another in this process (``run.branch_execution: local`` without Prefect)."""
     from merit_core.pipeline.base import prepare_base
     from merit_core.pipeline.branches import train_branch
-    from merit_core.pipeline.conflict import build_conflict_matrix, source_gradient
+    from merit_core.pipeline.conflict import build_conflict_matrix, source_gradients
     from merit_core.pipeline.evaluate import (
         displacement,
         evaluate_benchmarks,
@@ -102,7 +105,9 @@ def plain_ops(store: ArtifactStore) -> StudyOps:
 
     return StudyOps(
         prepare_base=on_store(prepare_base), resolve_mixture=on_store(resolve_mixture),
-        resolve_benchmarks=on_store(resolve_benchmarks), source_gradient=on_store(source_gradient),
+        resolve_benchmarks=on_store(resolve_benchmarks),
+        source_gradients=lambda config, base, mix: source_gradients(config, store, base, mix.sources,
+                                                                    threads=config.conflict.threads),
         conflict=on_store(build_conflict_matrix), split=partition_sources, run_branches=run_branches,
         merge=on_store(merge_branches), evaluate=on_store(evaluate_model),
         evaluate_benchmarks=on_store(evaluate_benchmarks),
@@ -182,7 +187,7 @@ def run_study(config: MeritConfig, ops: StudyOps, *, study_id: str, seeds: Seque
 
     # 2. Conflict estimation once (source gradients cached in the store); PCA split per r.
     with stage("source gradients, conflict matrix, PCA splits"):
-        sketches = [ops.source_gradient(config, base, s) for s in mixture.sources]
+        sketches = ops.source_gradients(config, base, mixture)
         conflict = ops.conflict(config, sketches)
         partitions = {r: ops.split(with_sections(config, split={"r": r}), conflict, mixture) for r in r_values(config)}
 
