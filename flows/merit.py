@@ -23,6 +23,7 @@ from tasks import (
     source_gradient_task,
     split_task,
 )
+from tasks.artifacts import tracked
 
 
 @flow(name="merit", flow_run_name="merit-{config.run.name}", log_prints=True)
@@ -47,7 +48,7 @@ def merit(config: MeritConfig, config_path: str | None = None, overrides: list[s
 
     # 1. Conflict estimation: g_t at θ(0) per source (cached), cosine matrix C.
     with stage("source gradients"):
-        sketches = [source_gradient_task(config, base, s) for s in mixture.sources]
+        sketches = [source_gradient_task(config, base, s) for s in tracked(mixture.sources, "source gradients")]
         log.info("source gradients: %d computed, %d reused from cache",
                  sum(not s.cached for s in sketches), sum(s.cached for s in sketches))
     with stage("conflict matrix"):
@@ -79,7 +80,7 @@ def merit(config: MeritConfig, config_path: str | None = None, overrides: list[s
     # benchmarks (eval.benchmarks) that no branch trained on.
     with stage("evaluate"):
         tables = {label: evaluate_task(config, ref.model_copy(update={"label": label}), mixture)
-                  for label, ref in models.items()}
+                  for label, ref in tracked(models.items(), "evaluate (held-out)")}
     benchmarks = {}
     if config.eval.benchmarks:
         with stage("evaluate benchmarks"):
