@@ -74,28 +74,30 @@ def _call(hook: ProgressHook | None, progress: TrainProgress) -> None:
     try:
         hook(progress)
     except Exception:  # progress reporting never stops training
-        logger.warning("training progress hook %r failed", hook, exc_info=True)
+        logger.warning("training progress hook failed (training goes on)", exc_info=True)
 
 
 def progress_callback(hook: ProgressHook | None = None):
     """A ``transformers.TrainerCallback`` that turns each Trainer log on rank 0 into a
     :class:`TrainProgress`, logs its line (INFO, ``merit_core.train.progress``) and
-    calls ``hook`` with it. The rate is measured between consecutive logs."""
+    calls ``hook`` with it. The rate is measured between consecutive logs (over the whole
+    run on the closing log); the learning rate is the one the logged step used."""
     from transformers import TrainerCallback
 
     class _Progress(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):  # HF's callback signature
             self.t0 = time.perf_counter()
-            self.last = (self.t0, state.global_step)
+            self.first = self.last = (self.t0, state.global_step)
 
         def on_log(self, args, state, control, logs=None, **kwargs):  # HF's callback signature
             if not state.is_world_process_zero or not logs:
                 return
             now = time.perf_counter()
             final = "train_loss" in logs
+            since = self.first if final else self.last  # the closing log: the whole run's rate
             rate = None
-            if now > self.last[0] and state.global_step > self.last[1]:
-                rate = (state.global_step - self.last[1]) / (now - self.last[0])
+            if now > since[0] and state.global_step > since[1]:
+                rate = (state.global_step - since[1]) / (now - since[0])
             self.last = (now, state.global_step)
             batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
             p = TrainProgress(step=state.global_step, max_steps=state.max_steps, epoch=_number(logs, "epoch"),
