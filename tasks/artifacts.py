@@ -78,8 +78,8 @@ def tracked(items: Iterable[T], what: str) -> Iterator[T]:
 class TrainProgressArtifact:
     """A hook for :func:`merit_core.pipeline.branches.train_branch` (``on_progress``): a
     progress artifact that follows the branch's optimizer steps, updated at most every
-    ``min_interval_s`` seconds (and on the last log), its description showing the step,
-    loss and rate."""
+    ``min_interval_s`` seconds (and on the last log), its description showing the step
+    and the loss."""
 
     def __init__(self, what: str, min_interval_s: float = 2.0):
         self.what, self.min_interval_s = what, min_interval_s
@@ -91,8 +91,9 @@ class TrainProgressArtifact:
         if self.id is None or (now - self._last < self.min_interval_s and not p.final and p.step < p.max_steps):
             return
         self._last = now
+        loss = "" if p.loss is None else f", loss {p.loss:.4f}"
         _quietly(self.what, update_progress_artifact, self.id, 100.0 * p.fraction,
-                 description=f"{self.what}: {p.line()}")
+                 description=f"{self.what}: {'done, ' if p.final else ''}step {p.step}/{p.max_steps}{loss}")
 
 
 def _sig(x, digits: int = 4):

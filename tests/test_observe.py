@@ -82,7 +82,8 @@ def _check_branch_run(child, ref: dict, mixture: dict, cfg, ask_lead_s: float) -
     assert rows["final train loss"] == pytest.approx(ref["train_loss"], rel=1e-3)
     assert rows["checkpoint"] == ref["uri"] and Path(ref["uri"].removeprefix("file://"), "manifest.json").is_file()
     (bar,) = _artifacts(child.id, "progress")
-    assert float(bar.data) == 100.0 and bar.description.startswith(f"training merit-branch-{ref['index']}: ")
+    assert float(bar.data) == 100.0
+    assert bar.description == f"training merit-branch-{ref['index']}: done, step {steps}/{steps}, loss {ref['train_loss']:.4f}"
 
     # timing: the flow run's own timestamps around the training run of the BranchRef;
     # queued counts from when the parent asked, at most ``ask_lead_s`` before the run existed
