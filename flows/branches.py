@@ -38,6 +38,7 @@ from prefect.states import Scheduled
 from prefect.task_runners import ProcessPoolTaskRunner
 from prefect.utilities.asyncutils import run_coro_as_sync
 
+from flows.common import BRANCH_RUN_NAME
 from merit_core.config import MeritConfig
 from merit_core.pipeline.branches import branch_timing
 from merit_core.refs import BranchRef, MixtureRef, ModelRef
@@ -51,10 +52,22 @@ class BranchRunError(RuntimeError):
     the message names the branch, the child flow run and its state message."""
 
 
-@flow(name="merit-branch", flow_run_name="{label}-branch-{index}")
+@flow(name="merit-branch", flow_run_name=BRANCH_RUN_NAME)
 def merit_branch(config: MeritConfig, base: ModelRef, mixture: MixtureRef, sources: list[str],
                  run_id: str, label: str, index: int) -> BranchRef:
-    """Fine-tune one copy of θ(0) on the union of ``sources`` (spec step 4)."""
+    """Fine-tune one copy of θ(0) on the union of ``sources`` (spec step 4) and commit it to
+    the store. Started by a ``merit`` or ``merit-study`` flow run, which fills in every
+    parameter; the flow run is named ``<run_id>-<label>-branch-<index>``.
+
+    Args:
+        config: The parent run's resolved config (train, data and store sections apply).
+        base: θ(0) in the store, from the parent's prepare-base stage.
+        mixture: The parent's resolved mixture (where each source's tokenized splits are).
+        sources: Names of the sources this branch trains on (one group of the partition).
+        run_id: The parent run's id, e.g. merit-quick-1a2b3c4d (store keys, run names).
+        label: Which partition the branch belongs to: merit, joint or random.
+        index: The group's index k in the partition (0 .. K-1).
+    """
     return train_branch_task(config, base, mixture, sources, run_id, label, index)
 
 
@@ -78,7 +91,7 @@ def run_branches(config: MeritConfig, base: ModelRef, mixture: MixtureRef, group
     mode = config.run.branch_execution
     if mode not in ("local", "processes", "deployment"):
         raise ValueError(f"run.branch_execution={mode!r}: use 'local', 'processes' or 'deployment'")
-    _log_plan(config, mixture, groups, label)
+    _log_plan(config, mixture, groups, run_id, label)
     args = [dict(config=config, base=base, mixture=mixture, sources=g, run_id=run_id, label=label, index=k)
             for k, g in enumerate(groups)]
     progress = Progress(f"{label}: branches trained", len(groups))
@@ -105,16 +118,22 @@ def run_branches(config: MeritConfig, base: ModelRef, mixture: MixtureRef, group
     return _with_subflow_timings(refs, run_id, asked)
 
 
-def _log_plan(config: MeritConfig, mixture: MixtureRef, groups: list[list[str]], label: str) -> None:
-    """One line per branch before any trains: its sources, examples and optimizer steps."""
+def _log_plan(config: MeritConfig, mixture: MixtureRef, groups: list[list[str]], run_id: str, label: str) -> None:
+    """One line per branch before any trains, named as its flow run: its sources, examples
+    and optimizer steps."""
     log = _logger()
     log.info("%s: %d branch%s (%s)", label, len(groups), "" if len(groups) == 1 else "es",
              config.run.branch_execution)
     for k, group in enumerate(groups):
         n = sum(mixture.get(s).train for s in group)
         names = ", ".join(sorted(group)) if len(group) <= 6 else f"{len(group)} sources"
-        log.info("%s-branch-%d (%d of %d): %s — %d examples, %d steps", label, k, k + 1, len(groups), names, n,
-                 planned_steps(n, config.train))
+        log.info("%s (%d of %d): %s — %d examples, %d steps", branch_run_name(run_id, label, k), k + 1,
+                 len(groups), names, n, planned_steps(n, config.train))
+
+
+def branch_run_name(run_id: str, label: str, index: int) -> str:
+    """The flow-run name of one branch: ``<run_id>-<label>-branch-<index>``."""
+    return BRANCH_RUN_NAME.format(run_id=run_id, label=label, index=index)
 
 
 # --- deployment fan-out -------------------------------------------------------------------
@@ -167,17 +186,17 @@ def idempotency_key(parent_id: str, run_id: str, label: str, index: int) -> str:
     return f"{parent_id}-{run_id}-{label}-{index}"
 
 
-def start_branch(deployment: str, parameters: dict, key: str, tags: list[str]) -> FlowRun:
-    """Create (or, for a known idempotency key, get back) one child flow run without
-    waiting for it; a child left failed/crashed/cancelled by an earlier attempt of the
-    parent is rescheduled.
+def start_branch(deployment: str, parameters: dict, key: str, tags: list[str], name: str | None = None) -> FlowRun:
+    """Create (or, for a known idempotency key, get back) one child flow run named ``name``
+    without waiting for it; a child left failed/crashed/cancelled by an earlier attempt of
+    the parent is rescheduled.
 
     Raises:
         BranchRunError: the deployment does not exist on the Prefect API.
     """
     try:
         child = run_deployment(deployment, parameters=parameters, idempotency_key=key, as_subflow=True,
-                               timeout=0, tags=tags)
+                               timeout=0, tags=tags, flow_run_name=name)
     except ObjectNotFound:
         raise BranchRunError(
             f"deployment {deployment!r} (run.branch_deployment) does not exist on the Prefect API at "
@@ -269,7 +288,7 @@ def run_branches_on_deployment(config: MeritConfig, base: ModelRef, mixture: Mix
     for index, group in enumerate(groups):
         child = start_branch(deployment, {**common, "sources": list(group), "index": index},
                              idempotency_key(parent, run_id, label, index),
-                             tags=[f"merit-run:{run_id}", f"merit:{label}"])
+                             tags=[f"merit-run:{run_id}", f"merit:{label}"], name=branch_run_name(run_id, label, index))
         log.info("branch %s/%d (%d sources) -> flow run %s (%s) of %s",
                  label, index, len(group), child.name, child.id, deployment)
         children.append(child)

@@ -8,7 +8,7 @@ and report. Every step is a Prefect task (tasks/) around one stage of merit_core
 from prefect import flow, get_run_logger
 
 from flows.branches import run_branches
-from flows.common import resolve_config, run_id, stage_timer
+from flows.common import merit_run_name, resolve_config, run_id, stage_timer, tracked
 from merit_core.config import MeritConfig
 from merit_core.refs import ModelRef, StageTiming
 from tasks import (
@@ -23,20 +23,24 @@ from tasks import (
     source_gradient_task,
     split_task,
 )
-from tasks.artifacts import tracked
 
 
-@flow(name="merit", flow_run_name="merit-{config.run.name}", log_prints=True)
-def merit(config: MeritConfig, config_path: str | None = None, overrides: list[str] | None = None) -> dict:
-    """Run MERIT end to end on ``config`` and return the report (also in the store).
+@flow(name="merit", flow_run_name=merit_run_name, log_prints=True)
+def merit(config_path: str | None = None, overrides: list[str] | None = None,
+          config: MeritConfig | None = None) -> dict:
+    """Run MERIT end to end; return the report (also in the store). The flow run is named
+    after the run id (``merit-quick-1a2b3c4d``); its config is the ``merit-config`` artifact.
 
-    ``config_path``, when set, names a MeritConfig YAML file that replaces ``config``
-    (read when the run starts, so deployments, schedules and the
-    ``merit.data_source.added`` trigger always run the file's current mixture);
-    ``overrides`` are ``key.path=value`` strings applied on top, like ``merit run --set``.
+    Args:
+        config_path: MeritConfig YAML file, e.g. configs/quick.yaml, read when the run
+            starts (schedules and triggers run the file's current sources). It wins: when
+            set, the config form is ignored (the run log says so). Leave empty to use the form.
+        overrides: key.path=value strings applied on top of config_path or the form, like
+            `merit run --set`, e.g. split.r=3 or run.branch_deployment=merit-branch/docker-gpu.
+        config: The whole config as a form; used only when config_path is empty.
     """
     log = get_run_logger()
-    config = resolve_config(config, config_path, overrides)
+    config, config_source = resolve_config(config_path, overrides, config)
     run = run_id(config.run.name)
     timings: list[StageTiming] = []
     stage = stage_timer(timings)
@@ -90,6 +94,7 @@ def merit(config: MeritConfig, config_path: str | None = None, overrides: list[s
 
     report = report_task(config, run, mixture=mixture, conflict=conflict, partition=partition,
                          tables=tables, branches=branches, timings=timings, benchmarks=benchmarks,
-                         extra={"models": {k: v.model_dump() for k, v in models.items()}})
+                         extra={"models": {k: v.model_dump() for k, v in models.items()},
+                                "config_source": config_source})
     log.info("report: %s", report["report_uri"])
     return report

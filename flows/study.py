@@ -14,7 +14,7 @@ store, so seeds run later (``first_seed``) add to it.
 from prefect import flow, get_run_logger
 
 from flows.branches import run_branches
-from flows.common import resolve_config, study_id
+from flows.common import resolve_config, study_id, study_run_name
 from merit_core.config import MeritConfig
 from merit_core.pipeline.study import StudyOps, run_study, with_sections
 from merit_core.study import check_study_config, r_values, seeds
@@ -42,16 +42,28 @@ PREFECT_OPS = StudyOps(
 )
 
 
-@flow(name="merit-study", flow_run_name="study-{config.run.name}", log_prints=True)
-def merit_study(config: MeritConfig, n_seeds: int | None = None, first_seed: int = 0,
-                config_path: str | None = None, overrides: list[str] | None = None) -> dict:
+@flow(name="merit-study", flow_run_name=study_run_name, log_prints=True)
+def merit_study(config_path: str | None = None, overrides: list[str] | None = None, n_seeds: int | None = None,
+                first_seed: int = 0, config: MeritConfig | None = None) -> dict:
     """Train joint, MERIT and random-split models for seeds ``first_seed`` ..
     ``first_seed + n_seeds − 1`` (default ``study.seeds`` seeds from 0), evaluate them
     in and out of the mixture, and report — over every seed of the study finished in
-    the store — whether the differences exceed the noise. ``config_path`` /
-    ``overrides`` as in flow ``merit``."""
+    the store — whether the differences exceed the noise. The flow run is named after
+    the study id; the config is published as the ``merit-config`` artifact.
+
+    Args:
+        config_path: MeritConfig YAML file, e.g. configs/study-cpu.yaml, read when the run
+            starts. It wins: when set, the config form is ignored (the run log says so).
+            Leave empty to use the form.
+        overrides: key.path=value strings applied on top of config_path or the form, like
+            `merit study --set`, e.g. study.r_values=[1,2].
+        n_seeds: Seeds to train in this run (default: study.seeds).
+        first_seed: Index of the first seed (0; higher continues a study run earlier,
+            whose finished seeds the report includes).
+        config: The whole config as a form; used only when config_path is empty.
+    """
     log = get_run_logger()
-    config = resolve_config(config, config_path, overrides)
+    config, _ = resolve_config(config_path, overrides, config)
     if n_seeds is not None:
         config = with_sections(config, study={"seeds": n_seeds})
     check_study_config(config)

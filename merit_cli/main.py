@@ -156,14 +156,14 @@ def _setup_logging() -> None:
 @app.command()
 def run(ctx: typer.Context, config: ConfigArg, set_: SetOpt = None) -> None:
     """Run the whole MERIT pipeline (flow `merit`) and print the per-source table."""
-    cfg = _load(config, set_)
+    _load(config, set_)  # a bad config exits with code 2 before Prefect starts; the flow reads the file again
     _exit_on_sigterm()
     from flows.merit import merit
     from merit_core.report import metrics_markdown
 
     quiet_user_tracebacks(ctx)
     with _prefect_api() as ui_url:
-        state = merit(cfg, return_state=True)
+        state = merit(config_path=str(config), overrides=set_ or None, return_state=True)
         report = state.result()
     typer.echo("\n" + metrics_markdown(report["metrics"]))
     typer.echo("\nstage timings (s): " + ", ".join(f"{t['stage']} {t['seconds']:.0f}" for t in report["timings"]))
@@ -184,14 +184,14 @@ def study(
 ) -> None:
     """Joint vs MERIT vs random split over N seeds, in and out of the mixture (flow `merit-study`).
     The report covers every finished seed of the study in the store."""
-    cfg = _load(config, set_)
+    _load(config, set_)  # a bad config exits with code 2 before Prefect starts; the flow reads the file again
     _exit_on_sigterm()
     from flows.study import merit_study
     from merit_core.report import MAIN_METRICS
 
     quiet_user_tracebacks(ctx)
     with _prefect_api():
-        report = merit_study(cfg, n_seeds=seeds, first_seed=first_seed)
+        report = merit_study(config_path=str(config), overrides=set_ or None, n_seeds=seeds, first_seed=first_seed)
     typer.echo("")
     for c in report["summary"]["comparisons"]:
         if c["metric_key"] in MAIN_METRICS:

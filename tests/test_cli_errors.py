@@ -147,7 +147,7 @@ def test_run_quiets_prefect_console_tracebacks_unless_debug(tmp_path, monkeypatc
         monkeypatch.setattr(h, "formatter", h.formatter)  # restored after the test
     monkeypatch.setattr(merit_cli.main, "_exit_on_sigterm", lambda: None)
 
-    def fail(cfg, return_state=False):
+    def fail(**parameters):
         raise DataError("source 'alpha': a.jsonl line 2: malformed JSON")
 
     monkeypatch.setattr(flows.merit, "merit", fail)

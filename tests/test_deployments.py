@@ -34,7 +34,7 @@ def _deployments() -> dict[str, dict]:
 def test_prefect_yaml_deployments_and_pools():
     deps = _deployments()
     assert set(deps) == {"full", "process", "docker-gpu", "k8s-gpu"}
-    assert deps["full"]["entrypoint"] == "flows/merit.py:merit"
+    assert deps["full"]["entrypoint"] == "flows/full.py:merit_full"
     from flows.branches import merit_branch
     from flows.merit import merit
 
@@ -80,23 +80,52 @@ def test_full_deployment_schedule_trigger_and_concurrency():
     assert schedule["active"] is False
     (raw,) = full["triggers"]
     trigger = DeploymentEventTrigger.model_validate(raw)
+    # the automation prefect deploy creates is named and described (not "full__automation_1")
+    assert trigger.name == "merit/full on a new data source"
+    assert "merit.data_source.added" in trigger.description and "merit sources add" in trigger.description
     assert trigger.expect == {"merit.data_source.added"}
     assert trigger.threshold == 1 and trigger.within.total_seconds() > 0  # debounced
     assert trigger.schedule_after.total_seconds() > 0
     assert trigger.parameters == {"config_path": "{{ event.payload.config_path }}"}
 
 
-def test_full_deployment_default_parameters_are_valid():
+def test_full_deployment_retries_once_local_runs_do_not():
+    """merit/full's entrypoint is flow `merit` with one flow-level retry after 2 minutes (a
+    retry resumes from the store); `merit run` calls the plain flow, without flow retries."""
+    from prefect.flows import load_flow_from_entrypoint
+
     from flows.merit import merit
 
-    params = _deployments()["full"]["parameters"]
+    deployed = load_flow_from_entrypoint(str(REPO / _deployments()["full"]["entrypoint"]))
+    assert deployed.name == "merit" and deployed.fn.__qualname__ == "merit"
+    assert deployed.parameters.model_dump() == merit.parameters.model_dump()  # the same form
+    assert deployed.retries == 1 and deployed.retry_delay_seconds == 120
+    assert merit.retries == 0
+
+
+def test_full_deployment_default_parameters_are_valid():
+    """Quick run and the weekly schedule start configs/quick.yaml (the README's ~8-minute
+    main command), branches on merit-branch/process; no config form competes with it."""
+    from flows.merit import merit
+    from merit_core.config import choose_config
+
+    full = _deployments()["full"]
+    params = full["parameters"]
+    overrides = ["run.branch_execution=deployment", "run.branch_deployment=merit-branch/process"]
+    assert params == {"config_path": "configs/quick.yaml", "overrides": overrides}
     validated = merit.validate_parameters(params)
-    assert isinstance(validated["config"], MeritConfig)
-    demo = REPO / params["config_path"]
-    if not demo.is_file():
-        pytest.skip(f"{params['config_path']} is not in this checkout yet")
-    cfg = load_config(demo, params["overrides"])
-    assert cfg.run.branch_execution == "deployment" and cfg.run.branch_deployment == "merit-branch/process"
+    assert validated.get("config") is None
+    chosen = choose_config(validated.get("config"), REPO / params["config_path"], params["overrides"])
+    assert chosen.source == f"{REPO / 'configs/quick.yaml'} + overrides [{', '.join(overrides)}]"
+    assert not chosen.form_ignored and chosen.config.run.name == "merit-quick"
+    assert chosen.config.run.branch_execution == "deployment"
+    assert chosen.config.run.branch_deployment == "merit-branch/process"
+    # the UI labels say so: the deployment's description and the schedule's comment
+    assert "Quick run (the defaults) runs configs/quick.yaml" in " ".join(full["description"].split())
+    text = (REPO / "prefect.yaml").read_text()
+    schedule_comment = text[text.index("    schedules:"):text.index('- cron: "0 3 * * 1"')]
+    assert "configs/quick.yaml" in schedule_comment
+    assert "merit run configs/quick.yaml" in (REPO / "README.md").read_text()
 
 
 # --- work-pool templates ----------------------------------------------------------------
@@ -136,6 +165,83 @@ def test_create_pools_script_names_match_prefect_yaml():
     script = (REPO / "deployments" / "create-pools.sh").read_text()
     for dep in _deployments().values():
         assert dep["work_pool"]["name"] in script
+
+
+def _fake_prefect(tmp_path: Path) -> Path:
+    """A `prefect` stand-in that records its arguments and environment (no server)."""
+    exe = tmp_path / "prefect"
+    exe.write_text('#!/usr/bin/env bash\necho "ARGS $*" >> "$FAKE_LOG"\n'
+                   'env | grep -E "^PREFECT_(UI|SERVER_API)_" | sed "s/^/ENV /" >> "$FAKE_LOG"\n')
+    exe.chmod(0o755)
+    return exe
+
+
+def _run_script(tmp_path: Path, script: str, *args: str, **env: str):
+    import os
+    import subprocess
+
+    log = tmp_path / "calls.log"
+    log.unlink(missing_ok=True)
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MERIT_"))}
+    res = subprocess.run(["bash", str(REPO / script), *args], capture_output=True, text=True, timeout=30, check=False,
+                         env={**base, "PREFECT": str(_fake_prefect(tmp_path)), "FAKE_LOG": str(log), **env})
+    calls = log.read_text().splitlines() if log.exists() else []
+    return res, calls
+
+
+def test_create_pools_sets_concurrency_limits(tmp_path):
+    res, calls = _run_script(tmp_path, "deployments/create-pools.sh", "--gpu")
+    assert res.returncode == 0, res.stderr
+    args = [c for c in calls if c.startswith("ARGS")]
+    assert "ARGS work-pool set-concurrency-limit merit-process 4" in args
+    assert "ARGS work-pool set-concurrency-limit merit-docker-gpu 8" in args
+    assert "ARGS work-pool set-concurrency-limit merit-k8s-gpu 8" in args
+    # each limit is set after the pool's create (which may create it)
+    assert args.index("ARGS work-pool set-concurrency-limit merit-process 4") > next(
+        i for i, c in enumerate(args) if c.startswith("ARGS work-pool create merit-process"))
+
+    res, calls = _run_script(tmp_path, "deployments/create-pools.sh",
+                             MERIT_PROCESS_POOL_LIMIT="6", MERIT_DOCKER_GPU_POOL_LIMIT="none")
+    assert res.returncode == 0, res.stderr
+    assert "ARGS work-pool set-concurrency-limit merit-process 6" in calls
+    assert not any("gpu" in c for c in calls)  # GPU pools only with --gpu
+
+    res, calls = _run_script(tmp_path, "deployments/create-pools.sh", "--gpu", MERIT_K8S_GPU_POOL_LIMIT="none")
+    assert "ARGS work-pool clear-concurrency-limit merit-k8s-gpu" in calls
+
+    # a process pool of 1 would deadlock: the waiting parent holds the only slot
+    for bad in ("1", "four", "-3"):
+        res, calls = _run_script(tmp_path, "deployments/create-pools.sh", MERIT_PROCESS_POOL_LIMIT=bad)
+        assert res.returncode == 2 and "MERIT_PROCESS_POOL_LIMIT" in res.stderr and calls == []
+
+
+@pytest.mark.parametrize("args,public", [
+    ((), "http://127.0.0.1:4200"),
+    (("--port", "4300"), "http://127.0.0.1:4300"),
+    (("--host", "10.1.2.3", "--port", "4300"), "http://10.1.2.3:4300"),
+    (("--host", "0.0.0.0", "--port", "4300", "--public-url", "https://prefect.example.com/"),
+     "https://prefect.example.com"),
+])
+def test_prefect_server_script_points_the_ui_at_its_api(tmp_path, args, public):
+    """The UI calls PREFECT_UI_API_URL; `prefect server start --port/--host` alone leaves it
+    at 127.0.0.1:4200 (docs/deployments.md, section 1)."""
+    res, calls = _run_script(tmp_path, "scripts/prefect-server.sh", *args, "--", "--no-services")
+    assert res.returncode == 0, res.stderr
+    host = args[args.index("--host") + 1] if "--host" in args else "127.0.0.1"
+    port = args[args.index("--port") + 1] if "--port" in args else "4200"
+    assert f"ARGS server start --host {host} --port {port} --no-services" in calls
+    assert f"ENV PREFECT_UI_API_URL={public}/api" in calls and f"ENV PREFECT_UI_URL={public}" in calls
+    assert f"ENV PREFECT_SERVER_API_HOST={host}" in calls and f"ENV PREFECT_SERVER_API_PORT={port}" in calls
+    assert f"export PREFECT_API_URL={public}/api" in res.stdout.splitlines()
+
+
+def test_prefect_server_script_on_all_interfaces_advertises_a_reachable_address(tmp_path):
+    res, calls = _run_script(tmp_path, "scripts/prefect-server.sh", "--host", "0.0.0.0")
+    assert res.returncode == 0, res.stderr
+    (ui,) = [c for c in calls if c.startswith("ENV PREFECT_UI_API_URL=")]
+    assert "0.0.0.0" not in ui and "127.0.0.1" not in ui and ui.endswith(":4200/api")
+    res, _ = _run_script(tmp_path, "scripts/prefect-server.sh", "--bogus")
+    assert res.returncode == 2 and "unknown argument --bogus" in res.stderr
 
 
 # --- DeepSpeed ----------------------------------------------------------------------------
@@ -191,10 +297,10 @@ def fanout_env(tmp_path, monkeypatch):
     outcome: dict[int, str] = {}  # index -> "ok" | "fail" | "nomanifest"
     runs: dict = {}
 
-    def fake_run_deployment(name, parameters, idempotency_key, as_subflow, timeout, tags):
+    def fake_run_deployment(name, parameters, idempotency_key, as_subflow, timeout, tags, flow_run_name):
         json.dumps(parameters)  # what travels to the API must be plain JSON
         assert timeout == 0 and as_subflow
-        calls.append(dict(name=name, key=idempotency_key, **parameters))
+        calls.append(dict(name=name, key=idempotency_key, flow_run_name=flow_run_name, **parameters))
         run = _flow_run(f"child-{parameters['index']}", Scheduled())
         runs[run.id] = parameters
         return run
@@ -228,6 +334,7 @@ def test_fanout_starts_one_child_per_group_and_reads_the_store(fanout_env):
     go, calls, _ = fanout_env
     out = go([["b", "a"], ["c"]])
     assert [c["key"] for c in calls] == ["parent-run-run1-merit-0", "parent-run-run1-merit-1"]
+    assert [c["flow_run_name"] for c in calls] == ["run1-merit-branch-0", "run1-merit-branch-1"]
     assert all(c["name"] == "merit-branch/process" for c in calls)
     assert [c["sources"] for c in calls] == [["b", "a"], ["c"]]
     assert [b.index for b in out] == [0, 1] and [b.trained_tokens for b in out] == [100, 101]

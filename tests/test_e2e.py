@@ -187,6 +187,13 @@ def test_server_worker_deployments_and_trigger(tmp_path, tiny_model_dir):
         _run([PY, "-m", "prefect", "--no-prompt", "deploy", "--prefect-file", str(_prefect_file_for_test(tmp_path)),
               "--name", "full", "--name", "process"], env)
         timings["pools + worker + deploy"] = time.monotonic() - t0
+        with temporary_settings(updates={PREFECT_API_URL: url}), get_client(sync_client=True) as client:
+            # the trigger's automation has prefect.yaml's name and description
+            (automation,) = client.read_automations_by_name("merit/full on a new data source")
+            assert "merit.data_source.added" in automation.description and automation.enabled
+            # create-pools.sh's default pool limits
+            assert client.read_work_pool("merit-process").concurrency_limit == 4
+            assert client.read_work_pool("merit-docker-gpu").concurrency_limit == 8
 
         # 1. merit/full from the CLI, like CI would.
         t0 = time.monotonic()
@@ -203,6 +210,7 @@ def test_server_worker_deployments_and_trigger(tmp_path, tiny_model_dir):
             full_filter = DeploymentFilter(name=DeploymentFilterName(any_=["full"]))
             (parent,) = client.read_flow_runs(deployment_filter=full_filter)
             assert parent.state.is_completed()
+            assert parent.empirical_policy.retries == 1  # merit/full's flow-level retry
             branch_runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["merit-branch"])))
             assert len(branch_runs) == 2, [r.name for r in branch_runs]
             (process_dep,) = client.read_deployments(

@@ -6,6 +6,7 @@ import json
 import os
 
 import pytest
+import yaml
 from prefect.testing.utilities import prefect_test_harness
 
 from merit_core.config import ConfigError, MeritConfig, load_config
@@ -64,13 +65,49 @@ def _artifacts(keys: list[str]) -> list:
     return asyncio.run(go())
 
 
+def _child_runs(parent_id) -> list:
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    async def go():
+        async with get_client() as client:
+            return await client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent_id])))
+
+    return asyncio.run(go())
+
+
+def _log_messages(flow_run_id) -> list[str]:
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=30)
+
+    async def go():
+        async with get_client() as client:
+            return await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+
+    return [log.message for log in asyncio.run(go())]
+
+
 def test_flow_local_runs_every_stage(harness, tmp_path, tiny_model_dir, monkeypatch):
     monkeypatch.setenv("MERIT_CACHE_DIR", str(tmp_path / "cache"))
     from flows.merit import merit
 
     before = len(_flow_runs_named("merit-branch"))
     cfg = tiny_config(tmp_path, tiny_model_dir)
-    report = merit(cfg)
+    # config_path wins over a filled-in config form (another run name), overrides apply on top
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    form = cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": "the-form"})})
+    state = merit(config_path=str(path), overrides=["eval.max_new_tokens=3"], config=form, return_state=True)
+    report = state.result()
+    parent = state.state_details.flow_run_id
     groups = report["partition"]["groups"]
     assert len(groups) == 2 and sorted(sum(groups, [])) == sorted(SOURCES)
     # one merit-branch flow run per group, plus joint (1) and random split (2)
@@ -93,12 +130,32 @@ def test_flow_local_runs_every_stage(harness, tmp_path, tiny_model_dir, monkeypa
     md = next(a for a in arts if a.key == "merit-report").data
     assert "Held-out answer cross-entropy" in md and report["run_id"] in md
 
+    # which config ran: the file + overrides, stated in the log, the report and the merit-config artifact
+    source = f"{path} + overrides [eval.max_new_tokens=3] (config form ignored: config_path is set)"
+    assert report["config_source"] == source
+    assert f"\nConfig: {source}\n" in (report_dir / "report.md").read_text()
+    messages = _log_messages(parent)
+    assert any(m.startswith("config form ignored: config_path is set") for m in messages), messages
+    assert f"config: {source} (4 sources)" in messages
+    (config_art,) = [a for a in _artifacts(["merit-config"]) if a.flow_run_id == parent]
+    published = yaml.safe_load(config_art.data.split("```yaml\n", 1)[1].split("```", 1)[0])
+    assert published == load_config(path, ["eval.max_new_tokens=3"]).model_dump(mode="json")
+    assert published["eval"]["max_new_tokens"] == 3 and published["run"]["name"] == "tiny"
+
+    # run names: the parent is its run id, each branch <run id>-<label>-branch-<k>
+    assert report["run_id"] == f"tiny-{str(parent)[:8]}"
+    (parent_run,) = [r for r in _flow_runs_named("merit") if r.id == parent]
+    assert parent_run.name == report["run_id"]
+    expected = [f"{report['run_id']}-{label}-branch-{k}" for label, n in (("merit", 2), ("joint", 1), ("random", 2))
+                for k in range(n)]
+    assert sorted(r.name for r in _child_runs(parent)) == sorted(expected)
+
     # a second run reuses every cached source gradient: no sketch is rewritten
     sketches = sorted((tmp_path / "store" / "sketches").rglob("*.npy"))
     assert len(sketches) == len(SOURCES)
     mtimes = [p.stat().st_mtime_ns for p in sketches]
-    report2 = merit(cfg.model_copy(update={"baselines": cfg.baselines.model_copy(update={"joint": False, "random_split": False})}))
-    assert report2["partition"]["groups"] == groups
+    report2 = merit(config=cfg.model_copy(update={"baselines": cfg.baselines.model_copy(update={"joint": False, "random_split": False})}))
+    assert report2["partition"]["groups"] == groups and report2["config_source"] == "the config form"
     assert [p.stat().st_mtime_ns for p in sorted((tmp_path / "store" / "sketches").rglob("*.npy"))] == mtimes
 
 
@@ -109,9 +166,13 @@ def test_flow_processes_mode(harness, tmp_path, tiny_model_dir, monkeypatch):
     before = len(_flow_runs_named("merit-branch"))
     cfg = tiny_config(tmp_path, tiny_model_dir, run={"branch_execution": "processes", "max_parallel_branches": 2},
                       baselines={"joint": False, "random_split": False})
-    report = merit(cfg)
+    state = merit(config=cfg, return_state=True)
+    report = state.result()
     assert len(report["branches"]["merit"]) == 2
     assert len(_flow_runs_named("merit-branch")) - before == 2
+    names = {r.name for r in _flow_runs_named("merit-branch")}
+    assert {f"{report['run_id']}-merit-branch-{k}" for k in (0, 1)} <= names
+    assert report["run_id"] == f"tiny-{str(state.state_details.flow_run_id)[:8]}"
 
 
 def test_wrong_config_fails_before_training(tmp_path):
@@ -156,7 +217,7 @@ def test_deepspeed_without_cuda_fails_before_any_stage(harness, tmp_path, tiny_m
 
     cfg = tiny_config(tmp_path, tiny_model_dir, train={"deepspeed": "deployments/ds_zero2.json"})
     with pytest.raises(TrainSetupError, match="needs CUDA"):
-        merit(cfg)
+        merit(config=cfg)
     assert not (tmp_path / "store" / "sketches").exists() and not (tmp_path / "store" / "runs").exists()
 
 

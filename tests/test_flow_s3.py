@@ -119,7 +119,7 @@ def test_merit_flow_with_s3_store(s3_config):
     from flows.merit import merit
 
     with prefect_test_harness(server_startup_timeout=120):
-        report = merit(s3_config)
+        report = merit(config=s3_config)
     store = open_store(s3_config.store)
     assert report["report_uri"].startswith("s3://")
     merged_key = report["models"]["merit"]["key"]

@@ -103,7 +103,7 @@ def test_local_run_in_the_ui(harness, tmp_path, tiny_model_dir, monkeypatch):
     from flows.merit import merit
 
     cfg = tiny_config(tmp_path, tiny_model_dir, baselines={"joint": False, "random_split": False})
-    state = merit(cfg, return_state=True)
+    state = merit(config=cfg, return_state=True)
     report = state.result()
     parent = state.state_details.flow_run_id
     children = _children(parent)
@@ -151,7 +151,7 @@ def test_process_pool_branches_log_to_their_runs(harness, tmp_path, tiny_model_d
 
     cfg = tiny_config(tmp_path, tiny_model_dir, run={"branch_execution": "processes", "max_parallel_branches": 2},
                       baselines={"joint": False, "random_split": False})
-    state = merit(cfg, return_state=True)
+    state = merit(config=cfg, return_state=True)
     report = state.result()
     children = _children(state.state_details.flow_run_id)
     assert len(children) == 2

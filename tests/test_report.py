@@ -65,6 +65,23 @@ def test_run_report_tables_by_hand(tmp_path):
     assert metrics_markdown(tables) in md and mixture_table(_mixture()) in md
     assert metrics_markdown(tables).startswith("### Held-out answer cross-entropy") and not md.startswith("\n")
     assert metrics_markdown({"base": {"rows": [{"source": "a"}], "mean": {"source": "mean"}}}) == ""
+    assert "Config:" not in md  # no config_source given: no line
+
+
+def test_run_report_names_its_config(tmp_path):
+    """extra["config_source"] (set by flow `merit`) is in report.json and under the title."""
+    from merit_core.report import write_report
+
+    source = "configs/quick.yaml + overrides [split.r=1, run.branch_execution=deployment]"
+    data = write_report(tmp_path, run_id="merit-quick-1a2b3c4d", mixture=_mixture(),
+                        partition=Partition(method="pca", groups=[["a"], ["b"]], weights={"a": 8, "b": 9}),
+                        conflict=ConflictMatrix(names=["a", "b"], kind="cosine", matrix=[[1, 0], [0, 1]]),
+                        tables={"base": _losses(2.0, 3.0)}, branches={}, timings=[],
+                        extra={"config_source": source})
+    assert data["config_source"] == source
+    assert json.loads((tmp_path / "report.json").read_text())["config_source"] == source
+    lines = (tmp_path / "report.md").read_text().splitlines()
+    assert lines[:4] == ["# MERIT run `merit-quick-1a2b3c4d`", "", f"Config: {source}", ""]
 
 
 def test_branch_timing_and_fanout_overhead_by_hand(tmp_path):

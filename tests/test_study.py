@@ -254,7 +254,7 @@ def test_merit_flow_evaluates_benchmarks(harness, tmp_path, tiny_model_dir, monk
     monkeypatch.setenv("MERIT_CACHE_DIR", str(tmp_path / "cache"))
     cfg = tiny_study_config(tmp_path, tiny_model_dir)
     cfg = cfg.model_copy(update={"baselines": cfg.baselines.model_copy(update={"joint": False, "random_split": False})})
-    report = merit(cfg)
+    report = merit(config=cfg)
     assert set(report["benchmarks"]) == {"base", "merit"}
     rows = report["benchmarks"]["merit"]["rows"]
     assert [r["source"] for r in rows] == ["short_answer", "piqa"] and rows[1]["n_mc"] == 4
@@ -268,10 +268,20 @@ def test_study_flow_tiny(harness, tmp_path, tiny_model_dir, monkeypatch):
     monkeypatch.setenv("MERIT_CACHE_DIR", str(tmp_path / "cache"))
     cfg = tiny_study_config(tmp_path, tiny_model_dir)
     cfg = cfg.model_copy(update={"study": cfg.study.model_copy(update={"id": "tiny-study"})})
-    first = merit_study(cfg, n_seeds=1)
+    first_state = merit_study(config=cfg, n_seeds=1, return_state=True)
+    first = first_state.result()
     assert [s["index"] for s in first["seeds"]] == [0]
+    # the flow run is named after the study id; its branches <seed run id>-<label>-branch-<k>
+    from tests.test_flow import _child_runs, _flow_runs_named
+
+    parent = first_state.state_details.flow_run_id
+    assert first["study_id"] == "tiny-study"
+    assert [r.name for r in _flow_runs_named("merit-study") if r.id == parent] == ["tiny-study"]
+    expected = [f"tiny-study-s0-{label}-branch-{k}" for label, n in (("joint", 1), ("merit-r1", 2), ("random-r1", 2))
+                for k in range(n)]
+    assert sorted(r.name for r in _child_runs(parent)) == sorted(expected)
     # a later run adds seed 1; the report covers both finished seeds of the study
-    report = merit_study(cfg, n_seeds=1, first_seed=1)
+    report = merit_study(config=cfg, n_seeds=1, first_seed=1)
     assert [s["index"] for s in report["seeds"]] == [0, 1]
     labels = ["base", "joint", "merit-r1", "merit-r1-uniform", "random-r1"]
     assert report["models"] == labels

@@ -106,7 +106,9 @@ def write_report(
     Args:
         tables: model -> EvalTable dict on the in-mixture held-out data.
         branches: model -> its branch checkpoints.
-        extra: more top-level keys of report.json.
+        extra: more top-level keys of report.json; its ``config_source`` (where the run's
+            config came from, e.g. ``configs/quick.yaml + overrides [split.r=3]``) is also
+            shown under the report's title.
         benchmarks: model -> EvalTable dict on the out-of-mixture benchmarks (optional;
             the report's benchmark section appears when it is non-empty).
     """
@@ -119,7 +121,7 @@ def write_report(
         "run.md.j2", run_id=run_id, results=_sections(tables, HELDOUT_METRICS),
         benchmarks=_sections(benchmarks, BENCHMARK_METRICS) if benchmarks else None, partition=partition,
         heatmap=HEATMAP, pca_plot=PCA_PLOT if pca_png else None, branches=branches, mixture=mixture, timings=timings,
-        fanout=fanout,
+        fanout=fanout, config_source=(extra or {}).get("config_source"),
     )
     (out / "report.md").write_text(text)
     data = {
