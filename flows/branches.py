@@ -18,15 +18,20 @@ store (the one thing parent and workers share), not from Prefect's result storag
 import asyncio
 import logging
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
 from uuid import UUID
 
 from prefect import flow, get_run_logger, task
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
 from prefect.client.schemas.objects import FlowRun
+from prefect.client.schemas.sorting import FlowRunSort
 from prefect.deployments import run_deployment
 from prefect.exceptions import FlowRunWaitTimeout, MissingContextError, ObjectNotFound
 from prefect.flow_runs import wait_for_flow_run
+from prefect.futures import as_completed
 from prefect.runtime import flow_run
 from prefect.settings import PREFECT_API_URL
 from prefect.states import Scheduled
@@ -35,9 +40,11 @@ from prefect.utilities.asyncutils import run_coro_as_sync
 
 from flows.common import BRANCH_RUN_NAME
 from merit_core.config import MeritConfig
+from merit_core.pipeline.branches import branch_timing
 from merit_core.refs import BranchRef, MixtureRef, ModelRef
 from merit_core.train import planned_steps
 from tasks import collect_branches_task, train_branch_task
+from tasks.artifacts import Progress
 
 
 class BranchRunError(RuntimeError):
@@ -73,29 +80,42 @@ def _branch_in_process(config: MeritConfig, base: ModelRef, mixture: MixtureRef,
 def run_branches(config: MeritConfig, base: ModelRef, mixture: MixtureRef, groups: list[list[str]],
                  run_id: str, label: str) -> list[BranchRef]:
     """Train one branch per group, independently, as ``config.run.branch_execution`` says;
-    return their checkpoints in group order.
+    return their checkpoints in group order, each with the timing of its flow run
+    (:class:`~merit_core.refs.BranchTiming`: queued, start-up, training, commit, counted
+    from when this flow asked for the branch). A progress artifact of this flow run
+    counts the finished branches.
 
     With ``processes`` and no ``train.threads``, each of the parallel branches gets an
     equal share of this machine's cores.
     """
     mode = config.run.branch_execution
+    if mode not in ("local", "processes", "deployment"):
+        raise ValueError(f"run.branch_execution={mode!r}: use 'local', 'processes' or 'deployment'")
     _log_plan(config, mixture, groups, run_id, label)
     args = [dict(config=config, base=base, mixture=mixture, sources=g, run_id=run_id, label=label, index=k)
             for k, g in enumerate(groups)]
-    if mode == "local":
-        return [merit_branch(**a) for a in args]
-    if mode == "processes":
-        workers = min(config.run.max_parallel_branches, len(groups))
-        if config.train.threads is None:
-            per = max(1, (os.cpu_count() or 1) // workers)
-            config = config.model_copy(update={"train": config.train.model_copy(update={"threads": per})})
-            args = [{**a, "config": config} for a in args]
-        with ProcessPoolTaskRunner(max_workers=workers) as runner:
-            futures = [runner.submit(_branch_in_process, parameters=a) for a in args]
-            return [f.result() for f in futures]
+    progress = Progress(f"{label}: branches trained", len(groups))
     if mode == "deployment":
-        return run_branches_on_deployment(config, base, mixture, groups, run_id, label)
-    raise ValueError(f"run.branch_execution={mode!r}: use 'local', 'processes' or 'deployment'")
+        return run_branches_on_deployment(config, base, mixture, groups, run_id, label, progress)
+    refs, asked = [], []
+    if mode == "local":
+        for a in args:
+            asked.append(time.time())
+            refs.append(merit_branch(**a))
+            progress.step()
+        return _with_subflow_timings(refs, run_id, asked)
+    workers = min(config.run.max_parallel_branches, len(groups))
+    if config.train.threads is None:
+        per = max(1, (os.cpu_count() or 1) // workers)
+        config = config.model_copy(update={"train": config.train.model_copy(update={"threads": per})})
+        args = [{**a, "config": config} for a in args]
+    asked = [time.time()] * len(args)  # the pool's start-up counts as queueing
+    with ProcessPoolTaskRunner(max_workers=workers) as runner:
+        futures = [runner.submit(_branch_in_process, parameters=a) for a in args]
+        for _ in as_completed(futures):
+            progress.step()
+        refs = [f.result() for f in futures]
+    return _with_subflow_timings(refs, run_id, asked)
 
 
 def _log_plan(config: MeritConfig, mixture: MixtureRef, groups: list[list[str]], run_id: str, label: str) -> None:
@@ -117,6 +137,36 @@ def branch_run_name(run_id: str, label: str, index: int) -> str:
 
 
 # --- deployment fan-out -------------------------------------------------------------------
+
+
+def with_timing(ref: BranchRef, run: FlowRun, asked_at: float | None = None) -> BranchRef:
+    """``ref`` with the :class:`~merit_core.refs.BranchTiming` of ``run``, the flow run
+    that trained it (:func:`merit_core.pipeline.branches.branch_timing`), counted from
+    ``asked_at`` (Unix time the parent asked for it) or else from the run's creation; an
+    end not yet recorded is taken as now."""
+    created = asked_at or next((t.timestamp() for t in (run.created, run.expected_start_time) if t), None)
+    if created is None:
+        return ref
+    end = (run.end_time or datetime.now(timezone.utc)).timestamp()
+    start = run.start_time.timestamp() if run.start_time else None
+    return ref.model_copy(update={"timing": branch_timing(ref, created, start, end)})
+
+
+def _with_subflow_timings(refs: list[BranchRef], run_id: str, asked: list[float]) -> list[BranchRef]:
+    """``refs`` with the timing of the ``merit-branch`` subflow runs of this flow run that
+    trained them (matched on run id, label and index; the latest if several)."""
+    parent = _parent_flow_run_id()
+    if parent is None:
+        return refs
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[UUID(parent)])),
+            sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=200)
+    latest: dict[tuple, FlowRun] = {}
+    for r in runs:  # newest first
+        latest.setdefault((r.parameters.get("run_id"), r.parameters.get("label"), r.parameters.get("index")), r)
+    return [with_timing(ref, run, t) if (run := latest.get((run_id, ref.label, ref.index))) else ref
+            for ref, t in zip(refs, asked)]
 
 
 def _logger() -> logging.Logger | logging.LoggerAdapter:
@@ -168,16 +218,21 @@ def reschedule(flow_run_id: UUID, message: str) -> None:
         client.set_flow_run_state(flow_run_id, Scheduled(message=message), force=True)
 
 
-def wait_for_flow_runs(ids: Sequence[UUID], timeout: float | None) -> dict[UUID, FlowRun]:
+def wait_for_flow_runs(ids: Sequence[UUID], timeout: float | None,
+                       on_final: Callable[[], None] | None = None) -> dict[UUID, FlowRun]:
     """Wait, all together, until every flow run in ``ids`` is final or ``timeout`` seconds
     passed (:func:`prefect.flow_runs.wait_for_flow_run`, which follows the runs' state
-    events); return the latest view of each."""
+    events); return the latest view of each. ``on_final`` is called (in a worker thread,
+    in this context) each time one of them ends."""
 
     async def one(client, flow_run_id: UUID) -> FlowRun:
         try:
-            return await wait_for_flow_run(flow_run_id, timeout=timeout, client=client)
+            run = await wait_for_flow_run(flow_run_id, timeout=timeout, client=client)
         except FlowRunWaitTimeout:
             return await client.read_flow_run(flow_run_id)
+        if on_final is not None:
+            await asyncio.to_thread(on_final)
+        return run
 
     async def every() -> list[FlowRun]:
         async with get_client() as client:
@@ -205,9 +260,11 @@ def _failures(children: Sequence[FlowRun], final: dict[UUID, FlowRun], label: st
 
 
 def run_branches_on_deployment(config: MeritConfig, base: ModelRef, mixture: MixtureRef,
-                               groups: list[list[str]], run_id: str, label: str) -> list[BranchRef]:
+                               groups: list[list[str]], run_id: str, label: str,
+                               progress: Progress | None = None) -> list[BranchRef]:
     """Train one branch per group as separate flow runs of ``config.run.branch_deployment``,
-    concurrently; return their checkpoints in group order (read from the store).
+    concurrently; return their checkpoints in group order (read from the store), each
+    with the timing of its flow run. ``progress`` advances as each child finishes.
 
     Raises:
         BranchRunError: no parent flow run, the deployment does not exist, a child ended in
@@ -236,8 +293,10 @@ def run_branches_on_deployment(config: MeritConfig, base: ModelRef, mixture: Mix
                  label, index, len(group), child.name, child.id, deployment)
         children.append(child)
     timeout = config.run.branch_timeout_s
-    errors = _failures(children, wait_for_flow_runs([c.id for c in children], timeout), label, timeout)
+    final = wait_for_flow_runs([c.id for c in children], timeout, on_final=progress.step if progress else None)
+    errors = _failures(children, final, label, timeout)
     if errors:
         raise BranchRunError(f"{len(errors)} of {len(children)} branches on {deployment} failed:\n  "
                              + "\n  ".join(errors))
-    return collect_branches_task(config, run_id, label, groups)
+    refs = collect_branches_task(config, run_id, label, groups)
+    return [with_timing(ref, final[child.id]) for ref, child in zip(refs, children)]

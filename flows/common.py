@@ -14,6 +14,7 @@ from merit_core.pipeline import layout
 from merit_core.pipeline.study import stage_timer as _stage_timer
 from merit_core.refs import StageTiming
 from merit_core.train import check_train_setup, resolve_nproc
+from tasks.artifacts import tracked  # noqa: F401 — for the flows: a progress bar over a stage's loop
 
 BRANCH_RUN_NAME = "{run_id}-{label}-branch-{index}"
 """Flow-run name of one branch (``merit-quick-1a2b3c4d-merit-branch-0``), from its parameters."""

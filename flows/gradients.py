@@ -39,6 +39,7 @@ from merit_core.fanout import threads_per_worker
 from merit_core.pipeline.conflict import source_sketch_key
 from merit_core.refs import GradientPlan, MixtureRef, ModelRef, SketchRef, SourceInfo
 from tasks import collect_source_gradients_task, plan_source_gradients_task, source_gradients_task
+from tasks.artifacts import Progress
 
 
 class GradientRunError(RuntimeError):
@@ -50,7 +51,16 @@ class GradientRunError(RuntimeError):
 def merit_gradients(config: MeritConfig, base: ModelRef, sources: list[SourceInfo], batch: int = 0,
                     threads: int | None = None) -> list[SketchRef]:
     """Calibration gradients of one batch of sources at θ(0) (loaded once), each sketch
-    committed to the store (spec step 1)."""
+    committed to the store (spec step 1). Started by the `merit` flow with
+    conflict.execution: deployment; all parameters come from the parent.
+
+    Args:
+        config: The parent run's resolved config.
+        base: θ(0) in the artifact store (key, URI).
+        sources: The sources of this batch (tokenized splits in the store).
+        batch: Index of this batch in the parent's plan (0-based).
+        threads: torch CPU threads for this batch (None: torch's default).
+    """
     return source_gradients_task(config, base, sources, batch, threads)
 
 
@@ -68,6 +78,8 @@ def run_source_gradients(config: MeritConfig, base: ModelRef, mixture: MixtureRe
         raise ValueError(f"conflict.execution={mode!r}: use 'local', 'processes' or 'deployment'")
     plan = plan_source_gradients_task(config, base, mixture, 1 if mode == "local" else config.conflict.workers)
     _log_plan(config, mixture, plan)
+    progress = Progress("source gradients", len(mixture.names))
+    progress.set(len(plan.cached), " (reused from cache)" if plan.cached else "")
     if mode == "deployment" and plan.batches:
         computed = run_gradients_on_deployment(config, base, plan)
     elif mode == "processes" and len(plan.batches) > 1:
@@ -75,7 +87,11 @@ def run_source_gradients(config: MeritConfig, base: ModelRef, mixture: MixtureRe
     else:
         threads = threads_per_worker(config.conflict.threads, 1, os.cpu_count()) if mode == "processes" \
             else config.conflict.threads
-        computed = [r for i, b in enumerate(plan.batches) for r in source_gradients_task(config, base, b, i, threads)]
+        computed = []
+        for i, b in enumerate(plan.batches):
+            computed += source_gradients_task(config, base, b, i, threads)
+            progress.step(len(b))
+    progress.set(len(mixture.names))
     by_name = {r.source: r for r in [*plan.cached, *computed]}
     return [by_name[name] for name in mixture.names]
 

@@ -8,7 +8,7 @@ and report. Every step is a Prefect task (tasks/) around one stage of merit_core
 from prefect import flow, get_run_logger
 
 from flows.branches import run_branches
-from flows.common import merit_run_name, resolve_config, run_id, stage_timer
+from flows.common import merit_run_name, resolve_config, run_id, stage_timer, tracked
 from flows.gradients import run_source_gradients
 from merit_core.config import MeritConfig
 from merit_core.refs import ModelRef, StageTiming
@@ -84,7 +84,7 @@ def merit(config_path: str | None = None, overrides: list[str] | None = None,
     # benchmarks (eval.benchmarks) that no branch trained on.
     with stage("evaluate"):
         tables = {label: evaluate_task(config, ref.model_copy(update={"label": label}), mixture)
-                  for label, ref in models.items()}
+                  for label, ref in tracked(models.items(), "evaluate (held-out)")}
     benchmarks = {}
     if config.eval.benchmarks:
         with stage("evaluate benchmarks"):

@@ -34,9 +34,9 @@ import typer
 
 # The embedded Prefect server of a local run must not try to phone home (no network).
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-# merit's own log lines (stages, branches, store) go through Prefect's handlers: to the
-# console and to the flow run's logs in the API/UI.
-os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "merit,merit_core")
+# merit's own log lines (stages, branches, training progress) reach the flow run's logs in
+# the API/UI through the handler that importing `tasks` attaches (tasks/logs.py), in this
+# process and in every worker's.
 
 from merit_cli.errors import MeritGroup, quiet_user_tracebacks
 from merit_cli.sources import sources_app

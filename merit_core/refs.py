@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from pydantic import BaseModel, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError, computed_field
 
 from merit_core.data.types import TokenizedExample
 
@@ -121,6 +121,8 @@ class TrainStats(BaseModel):
     steps: int = Field(description="Optimizer steps taken.")
     train_loss: float = Field(description="Mean training loss reported by the Trainer (nats/token; NaN if none).")
     wall_s: float = Field(description="Wall time of training in seconds.")
+    started_at: float | None = Field(None, description="Unix time (rank 0's clock) when training began, after "
+                                     "the model and data were loaded.")
     resumed_from_step: int = Field(0, description="Step of the checkpoint the run resumed from (0 if none).")
     processes: int = Field(1, description="Training processes (GPUs) of this branch (torchrun when > 1).")
     packed: bool = Field(False, description="Trained on padding-free packed batches (train.packing).")
@@ -128,15 +130,38 @@ class TrainStats(BaseModel):
         None, description="Example tokens / all trained positions (padding excluded), rank 0's batches.")
 
 
+class BranchTiming(BaseModel):
+    """Where one branch's wall time went, as its parent saw it: the branch flow run's
+    timestamps (created, Running, ended; from the Prefect API) around the training run
+    of its :class:`TrainStats` (``started_at``, ``wall_s``)."""
+
+    wall_s: float = Field(description="Asked for (or flow run created) -> ended: what the parent waited for.")
+    queued_s: float = Field(description="Asked for -> Running: waiting for a worker or a pool process, and for a "
+                            "deployment the worker's poll, the flow-run process start and its imports.")
+    startup_s: float | None = Field(description="Running -> training began: store fetches, data, model load "
+                                    "(None for a branch reused from the store).")
+    train_s: float = Field(description="Training (TrainStats.wall_s; 0 for a branch reused from the store).")
+    commit_s: float | None = Field(description="Training ended -> flow run ended: saving θ_k and committing it "
+                                   "to the store (None for a reused branch).")
+    reused: bool = Field(False, description="The branch was already complete in the store; nothing trained.")
+
+    @computed_field(description="wall_s - train_s: the fan-out's overhead for this branch.")
+    @property
+    def overhead_s(self) -> float:
+        return self.wall_s - self.train_s
+
+
 class BranchRef(TrainStats):
     """One finished branch θ_k: where it lives, its sources, and its :class:`TrainStats`
-    (N_k for the token-weighted merge)."""
+    (N_k for the token-weighted merge); ``timing`` is added by the parent that ran it."""
 
     index: int
     label: str
     key: str
     uri: str
     sources: list[str]
+    timing: BranchTiming | None = Field(None, description="Queue, start-up, training and commit time of the "
+                                        "branch's flow run (set by the flow layer; None elsewhere).")
 
 
 class StageTiming(BaseModel):

@@ -10,7 +10,7 @@ by (model sha, source content hash, conflict settings) — see ``source_gradient
 
 
 from prefect import task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_table_artifact
 
 from merit_core.benchmarks import BenchmarkSuite
 from merit_core.config import MeritConfig
@@ -46,6 +46,7 @@ from merit_core.refs import (
     SourceInfo,
 )
 from merit_core.train import TrainSetupError
+from tasks.artifacts import TrainProgressArtifact, publish_branch, publish_run_report, publish_study_report
 from tasks.store import run_store
 
 
@@ -122,7 +123,12 @@ def split_task(config: MeritConfig, conflict: ConflictMatrix, mixture: MixtureRe
 @task(name="train-branch", task_run_name="train-{label}-{index}", **TRAIN_RETRIES)
 def train_branch_task(config: MeritConfig, base: ModelRef, mixture: MixtureRef, sources: list[str],
                       run_id: str, label: str, index: int) -> BranchRef:
-    return train_branch(config, run_store(config), base, mixture, sources, run_id, label, index)
+    """Train one branch; its optimizer steps drive a progress artifact, and the finished
+    branch is published as a table artifact (sources, steps, tokens, loss, θ_k's URI)."""
+    progress = TrainProgressArtifact(f"training {label}-branch-{index}")
+    ref = train_branch(config, run_store(config), base, mixture, sources, run_id, label, index, on_progress=progress)
+    publish_branch(ref)
+    return ref
 
 
 @task(name="collect-branches", task_run_name="collect-{label}", **STORAGE_RETRIES)
@@ -145,14 +151,9 @@ def evaluate_task(config: MeritConfig, model: ModelRef, mixture: MixtureRef) -> 
 @task(name="report", **STORAGE_RETRIES)
 def report_task(config: MeritConfig, run_id: str, **parts) -> dict:
     """Write the report to the store and publish it as Prefect artifacts."""
-    report, md = reports.write_run_report(run_store(config), run_id, **parts)
-    create_markdown_artifact(key="merit-report", markdown=md, description=f"MERIT report of run {run_id}")
-    means = []
-    for model, table in report["metrics"].items():
-        row = {"model": model}
-        row.update({k: v for k, v in table["mean"].items() if k != "source" and v is not None})
-        means.append(row)
-    create_table_artifact(key="merit-summary", table=means, description="Mean held-out metrics per model")
+    store = run_store(config)
+    report, md = reports.write_run_report(store, run_id, **parts)
+    publish_run_report(store, report, md)
     return report
 
 
@@ -196,8 +197,9 @@ def load_seed_records_task(config: MeritConfig, study_id: str) -> list[SeedRecor
 def study_report_task(config: MeritConfig, study_id: str, records: list[SeedRecord]) -> dict:
     """Write the study report (from every finished seed's record) to the store and
     publish it as Prefect artifacts."""
-    report, md = reports.write_study_report(run_store(config), study_id, records)
-    create_markdown_artifact(key="merit-study-report", markdown=md, description=f"MERIT study {study_id}")
+    store = run_store(config)
+    report, md = reports.write_study_report(store, study_id, records)
+    publish_study_report(store, study_id, md)
     create_table_artifact(
         key="merit-study-comparisons",
         table=[{k: c[k] for k in ("model", "baseline", "metric", "mean_diff", "ci_low", "ci_high", "sign_p",

@@ -324,7 +324,7 @@ def fanout_env(tmp_path, monkeypatch):
         runs[run.id] = parameters
         return run
 
-    def fake_wait(ids, timeout):
+    def fake_wait(ids, timeout, on_final=None):
         out = {}
         for i in ids:
             p = runs[i]

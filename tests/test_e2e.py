@@ -135,6 +135,9 @@ def _sketches(store: Path) -> list[Path]:
 def test_server_worker_deployments_and_trigger(tmp_path, tiny_model_dir):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        ArtifactFilterType,
         DeploymentFilter,
         DeploymentFilterName,
         FlowFilter,
@@ -218,6 +221,28 @@ def test_server_worker_deployments_and_trigger(tmp_path, tiny_model_dir):
                 assert r.parent_task_run_id is not None  # linked as a subflow of the parent
                 assert client.read_task_run(r.parent_task_run_id).flow_run_id == parent.id
             assert sorted(r.parameters["index"] for r in branch_runs) == [0, 1]
+            # what the UI shows of each branch: its training progress in its logs (sent by the
+            # worker's flow-run process), its table artifact, and where its wall time went
+            (report_json,) = list(store.glob("runs/*/report/report.json"))
+            report = json.loads(report_json.read_text())
+            for r in branch_runs:
+                ref = report["branches"]["merit"][r.parameters["index"]]
+                logs_ = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[r.id])))
+                progress = [e.message for e in logs_ if e.name == "merit_core.train.progress"]
+                assert [m.split(" (")[0] for m in progress] == ["step 1/2", "step 2/2", "training done 2/2"], progress
+                assert f"loss {ref['train_loss']:.4f}" in progress[-1]
+                arts = client.read_artifacts(artifact_filter=ArtifactFilter(
+                    flow_run_id=ArtifactFilterFlowRunId(any_=[r.id]), type=ArtifactFilterType(any_=["table"])))
+                rows = {row["field"]: row["value"] for row in json.loads(arts[0].data)}
+                assert rows["checkpoint"] == ref["uri"] and rows["optimizer steps"] == 2
+                t, (created, start, end) = ref["timing"], (x.timestamp() for x in (r.created, r.start_time, r.end_time))
+                assert t["queued_s"] == pytest.approx(start - created, abs=1e-3)  # worker poll + process start
+                assert t["wall_s"] == pytest.approx(end - created, abs=1e-3)
+                assert t["startup_s"] == pytest.approx(ref["started_at"] - start, abs=1e-3)
+                assert t["train_s"] == ref["wall_s"] and t["overhead_s"] == pytest.approx(t["wall_s"] - t["train_s"])
+                timings[f"branch {r.parameters['index']} queued"] = t["queued_s"]
+            walls = sum(b["timing"]["wall_s"] for b in report["branches"]["merit"])
+            assert f"the 2 branch flow runs took {walls:.1f} s of wall time" in report_json.with_name("report.md").read_text()
 
         (merged,) = list(store.glob("runs/*/merit/merged/manifest.json"))
         verify_manifest(merged.parent)

@@ -15,7 +15,7 @@ from merit_core.config import ConfigError, MeritConfig, choose_config, load_conf
 
 REPO = Path(__file__).resolve().parents[1]
 FLOWS = {"merit": "flows/merit.py:merit", "merit-study": "flows/study.py:merit_study",
-         "merit-branch": "flows/branches.py:merit_branch"}
+         "merit-branch": "flows/branches.py:merit_branch", "merit-gradients": "flows/gradients.py:merit_gradients"}
 
 
 # --- descriptions -----------------------------------------------------------------------

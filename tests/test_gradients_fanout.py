@@ -256,7 +256,7 @@ def deployment_env(tmp_path, tiny_model_dir, monkeypatch):
         runs[run.id] = parameters
         return run
 
-    def fake_wait(ids, timeout):
+    def fake_wait(ids, timeout, on_final=None):
         out = {}
         for i in ids:
             p = runs[i]

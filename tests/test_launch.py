@@ -4,6 +4,8 @@ its store."""
 
 from __future__ import annotations
 
+import contextvars
+import logging
 import subprocess
 import sys
 
@@ -59,17 +61,29 @@ def test_branch_on_two_processes_matches_one_process(prepared):
     assert torch.nn.functional.cosine_similarity(d1, d2, dim=0) > 0.8
 
 
-def test_rank0_uploads_checkpoints_to_the_store(prepared, tmp_path):
+def test_rank0_uploads_checkpoints_to_the_store(prepared, tmp_path, caplog):
     cfg, base, mixture = prepared
     store = open_store(cfg.store)
     examples = []
     for name in SOURCES[:2]:
         examples += load_split(store, mixture.get(name), "train")
     write_examples(tmp_path / "ex.jsonl", examples)
-    res = run_distributed_branch(store.fetch_dir(base.key), tmp_path / "ex.jsonl", tmp_path / "out", cfg.train,
-                                 nproc=2, checkpoint_dir=tmp_path / "ck",
-                                 on_checkpoint=CheckpointUpload(store, "runs/x/ck"))
+    caller = contextvars.ContextVar("caller")
+    caller.set("the test's context")
+    seen = []  # (progress, the caller's context variable as the hook saw it)
+    with caplog.at_level(logging.INFO, logger="merit_core.train.progress"):
+        res = run_distributed_branch(store.fetch_dir(base.key), tmp_path / "ex.jsonl", tmp_path / "out", cfg.train,
+                                     nproc=2, checkpoint_dir=tmp_path / "ck",
+                                     on_checkpoint=CheckpointUpload(store, "runs/x/ck"),
+                                     on_progress=lambda p: seen.append((p, caller.get(None))))
     assert isinstance(res, TrainStats)
+    # rank 0's Trainer logs reach the parent: logged here and hooked in the caller's context
+    assert [p.step for p, _ in seen] == [*range(1, res.steps + 1), res.steps] and seen[-1][0].final
+    assert {ctx for _, ctx in seen} == {"the test's context"}
+    assert seen[-1][0].loss == pytest.approx(res.train_loss)
+    assert all(p.samples_per_s == pytest.approx(4 * p.steps_per_s) for p, _ in seen if p.steps_per_s)
+    logged = [r.getMessage() for r in caplog.records if r.name == "merit_core.train.progress"]
+    assert logged == [p.line() for p, _ in seen]
     assert res.processes == 2 and res.steps == -(-len(examples) // 4) >= 3
     assert res.examples == len(examples)
     assert res.trained_tokens == sum(sum(t != -100 for t in e.labels) for e in examples)

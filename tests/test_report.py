@@ -84,6 +84,59 @@ def test_run_report_names_its_config(tmp_path):
     assert lines[:4] == ["# MERIT run `merit-quick-1a2b3c4d`", "", f"Config: {source}", ""]
 
 
+def test_branch_timing_and_fanout_overhead_by_hand(tmp_path):
+    from merit_core.pipeline.branches import branch_timing
+    from merit_core.report import write_report
+
+    def ref(index, started_at, wall_s):
+        return BranchRef(index=index, label="merit", key=f"b{index}", uri=f"file:///b{index}", sources=["a"],
+                         trained_tokens=10, examples=4, steps=2, train_loss=1.0, wall_s=wall_s, started_at=started_at)
+
+    # asked at t=100, Running at 104.5, training 110 -> 130, flow run ended at 133
+    t0 = branch_timing(ref(0, 110.0, 20.0), asked=100.0, started=104.5, ended=133.0)
+    assert (t0.wall_s, t0.queued_s, t0.startup_s, t0.train_s, t0.commit_s) == (33.0, 4.5, 5.5, 20.0, 3.0)
+    assert t0.overhead_s == 13.0 and not t0.reused
+    # trained long before it was asked for: reused from the store, all of its wall is overhead
+    t1 = branch_timing(ref(1, 50.0, 20.0), asked=100.0, started=101.0, ended=102.0)
+    assert (t1.reused, t1.train_s, t1.startup_s, t1.commit_s, t1.overhead_s) == (True, 0.0, None, None, 2.0)
+    branches = {"merit": [ref(0, 110.0, 20.0).model_copy(update={"timing": t0}),
+                          ref(1, 50.0, 20.0).model_copy(update={"timing": t1})]}
+    data = write_report(tmp_path, run_id="r1", mixture=_mixture(), branches=branches,
+                        partition=Partition(method="pca", groups=[["a"], ["b"]], weights={"a": 8, "b": 9},
+                                            scores=[[0.5], [-0.5]], explained_variance_ratio=[1.0]),
+                        conflict=ConflictMatrix(names=["a", "b"], kind="cosine", matrix=[[1, -0.2], [-0.2, 1]]),
+                        tables={"base": _losses(2.0, 3.0)}, timings=[])
+    lines = (tmp_path / "report.md").read_text().splitlines()
+    assert "| merit | 0 | 4.5 | 5.5 | 20.0 | 3.0 | 33.0 | 13.0 |" in lines
+    assert "| merit | 1 | 1.0 | – | 0.0 (reused) | – | 2.0 | 2.0 |" in lines
+    # summed: wall 33 + 2 = 35, training 20, overhead 15 = 43% of 35
+    assert ("Fan-out overhead: the 2 branch flow runs took 35.0 s of wall time (summed), 20.0 s of it training; "
+            "15.0 s (43%) went to queueing, start-up and commit.") in lines
+    assert data["fanout"] == {"branches": 2, "wall_s": 35.0, "train_s": 20.0, "overhead_s": 15.0,
+                              "fraction": 15.0 / 35.0}
+    assert data["branches"]["merit"][0]["timing"]["overhead_s"] == 13.0
+
+
+def test_report_for_the_ui_embeds_figures_of_a_local_store(tmp_path):
+    import base64
+
+    from merit_core.pipeline.reports import report_for_viewer
+    from merit_core.report.render import link_images
+    from merit_core.store import LocalStore
+
+    store = LocalStore(tmp_path / "store")
+    d = store.staging_dir("runs/r1/report")
+    png = bytes(range(256)) * 3
+    (d / "pca_groups.png").write_bytes(png)
+    store.commit_dir("runs/r1/report", d)
+    assert store.presigned_url("runs/r1/report/pca_groups.png") is None  # a directory has no URLs
+    md = "x ![PCA](pca_groups.png) ![web](https://h/p.png) ![gone](missing.png) [link](pca_groups.png)"
+    out = report_for_viewer(store, "runs/r1/report", md)
+    assert out == (f"x ![PCA](data:image/png;base64,{base64.b64encode(png).decode()}) ![web](https://h/p.png) "
+                   "![gone](missing.png) [link](pca_groups.png)")
+    assert link_images("![a](b.png) ![c](d.svg)", str.upper) == "![a](B.PNG) ![c](D.SVG)"
+
+
 # ---------------------------------------------------------------- study report
 
 JOINT_LOSS = [(0.9, 1.1), (1.1, 1.3), (1.3, 1.5)]  # per seed: (a, b); means 1.0, 1.2, 1.4

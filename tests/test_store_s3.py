@@ -195,6 +195,31 @@ def test_single_objects_list_and_delete(make_store, tmp_path):
     assert store.exists("sketches/m/s.npy")
 
 
+def test_presigned_urls_serve_the_report_figures(make_store, endpoint, tmp_path):
+    import urllib.request
+
+    from merit_core.pipeline.reports import report_for_viewer
+
+    store = make_store()
+    d = store.staging_dir("runs/r1/report")
+    png = b"\x89PNG\r\n\x1a\n" + os.urandom(2048)
+    (d / "conflict_matrix.png").write_bytes(png)
+    (d / "report.md").write_text("![conflict matrix](conflict_matrix.png)\n")
+    store.commit_dir("runs/r1/report", d)
+    url = store.presigned_url("runs/r1/report/conflict_matrix.png", expires_s=600)
+    assert url.startswith(f"{endpoint}/{store.bucket}/merit/test/runs/r1/report/conflict_matrix.png?")
+    assert "X-Amz-Expires=600" in url and "X-Amz-Signature=" in url and SECRET_KEY not in url
+    with urllib.request.urlopen(url, timeout=10) as r:  # plain HTTP GET, no credentials
+        assert r.read() == png
+    # the report artifact's figure is such a URL; the file in the store keeps its relative path
+    md = report_for_viewer(store, "runs/r1/report", "A ![conflict matrix](conflict_matrix.png), ![x](https://e/x.png)")
+    signed = md.removeprefix("A ![conflict matrix](").removesuffix("), ![x](https://e/x.png)")
+    assert signed.startswith(f"{endpoint}/") and "X-Amz-Signature=" in signed and "(" not in signed
+    with urllib.request.urlopen(signed, timeout=10) as r:
+        assert r.read() == png
+    assert (store.fetch_dir("runs/r1/report") / "report.md").read_text() == "![conflict matrix](conflict_matrix.png)\n"
+
+
 # --------------------------------------------------------------------------- faults
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
+import statistics
 
 import pytest
 import torch
@@ -36,6 +38,36 @@ def test_branch_trains_and_counts_tokens(tiny_model_dir, examples, tmp_path):
     assert set(base) == set(new)
     assert any(not torch.equal(base[k], new[k]) for k in base), "training changed no weight"
     assert (tmp_path / "out" / "tokenizer.json").is_file()
+
+
+def test_training_progress_reaches_the_logger_and_the_hook(tiny_model_dir, examples, tmp_path, caplog):
+    cfg = TrainConfig(learning_rate=1e-3, batch_size=4, epochs=1, save_steps=100, logging_steps=1,
+                      lr_scheduler="linear", warmup_ratio=0)
+    seen = []
+
+    def hook(p):
+        seen.append(p)
+        if p.step == 3:
+            raise ConnectionError("the API is away")  # a failing hook must not stop training
+
+    with caplog.at_level(logging.INFO, logger="merit_core.train.progress"):
+        res = train_branch(tiny_model_dir, examples, tmp_path / "out", cfg, checkpoint_dir=tmp_path / "ck",
+                           on_progress=hook)
+    steps, final = [p for p in seen if not p.final], seen[-1]
+    assert res.steps == 6 and [p.step for p in steps] == [1, 2, 3, 4, 5, 6] and {p.max_steps for p in seen} == {6}
+    for p in steps:  # linear decay from 1e-3 to 0 over 6 steps: step s used 1e-3 * (6 - (s - 1)) / 6
+        assert p.learning_rate == pytest.approx(1e-3 * (7 - p.step) / 6, abs=1e-12)
+        assert p.loss > 0 and p.grad_norm > 0 and p.fraction == p.step / 6
+    assert all(p.samples_per_s == pytest.approx(4 * p.steps_per_s) for p in steps if p.steps_per_s is not None)
+    assert sum(p.steps_per_s is not None for p in steps) >= 5
+    # the closing log carries the run's mean loss, the mean of the per-step losses
+    assert final.final and final.step == 6 and final.loss == pytest.approx(res.train_loss)
+    assert final.steps_per_s == pytest.approx(6 / final.elapsed_s, rel=0.05)  # the whole run's rate
+    assert statistics.mean(p.loss for p in steps) == pytest.approx(res.train_loss, abs=1e-3)
+    logged = [r.getMessage() for r in caplog.records if r.name == "merit_core.train.progress"]
+    assert [m for m in logged if not m.startswith("training progress hook")] == [p.line() for p in seen]
+    assert any("training progress hook" in m and "failed" in m for m in logged)
+    assert logged[2].startswith("step 3/6 (50%): loss ") and ", lr 6.67e-04, grad norm " in logged[2]
 
 
 def test_resume_after_interruption_matches_uninterrupted(tiny_model_dir, examples, tmp_path):

@@ -14,9 +14,9 @@ from merit_core.config import MeritConfig
 from merit_core.data.types import TokenizedExample
 from merit_core.pipeline.layout import branch_checkpoints_prefix, branch_key, checkpoint_key, work_dir_name
 from merit_core.pipeline.mixture import load_split
-from merit_core.refs import BranchRef, MixtureRef, ModelRef, write_examples
+from merit_core.refs import BranchRef, BranchTiming, MixtureRef, ModelRef, write_examples
 from merit_core.store import ArtifactStore, StoreError, default_cache_dir
-from merit_core.train import check_train_setup, resolve_nproc, run_distributed_branch
+from merit_core.train import ProgressHook, check_train_setup, resolve_nproc, run_distributed_branch
 from merit_core.train import train_branch as run_trainer
 
 logger = logging.getLogger("merit")
@@ -41,7 +41,8 @@ class CheckpointUpload:
 
 def train_branch(cfg: MeritConfig, store: ArtifactStore, base: ModelRef, mixture: MixtureRef,
                  sources: Sequence[str], run_id: str, label: str, index: int,
-                 after_checkpoint: Callable[[Path], None] | None = None) -> BranchRef:
+                 after_checkpoint: Callable[[Path], None] | None = None,
+                 on_progress: ProgressHook | None = None) -> BranchRef:
     """Fine-tune θ(0) on the union of ``sources`` and commit θ_k to
     ``runs/<run-id>/<label>/branches/<index>/`` (returned as-is if already complete).
 
@@ -49,9 +50,10 @@ def train_branch(cfg: MeritConfig, store: ArtifactStore, base: ModelRef, mixture
     Trainer writes them; a restarted branch (retry, new worker) first fetches the newest
     complete one and resumes from it; they are deleted once θ_k is committed.
     ``after_checkpoint`` is called with each local checkpoint dir once it is in the store
-    (in-process training only). With ``train.nproc_per_node`` > 1, or DeepSpeed, the
-    branch trains on that many processes under torch's elastic launcher
-    (:mod:`merit_core.train.launch`).
+    (in-process training only); ``on_progress`` in this process with each Trainer log
+    (:class:`merit_core.train.TrainProgress`), however the branch trains. With
+    ``train.nproc_per_node`` > 1, or DeepSpeed, the branch trains on that many processes
+    under torch's elastic launcher (:mod:`merit_core.train.launch`).
 
     Raises:
         merit_core.train.TrainSetupError: settings this machine cannot train with.
@@ -85,17 +87,46 @@ def train_branch(cfg: MeritConfig, store: ArtifactStore, base: ModelRef, mixture
     if nproc > 1 or cfg.train.deepspeed:  # elastic launcher (DDP / DeepSpeed ZeRO, which needs its env even on 1 GPU)
         write_examples(work / "examples.jsonl", examples)
         stats = run_distributed_branch(base_dir, work / "examples.jsonl", out, cfg.train, nproc=nproc,
-                                       checkpoint_dir=ckpt_dir, dtype=cfg.model.dtype, on_checkpoint=upload)
+                                       checkpoint_dir=ckpt_dir, dtype=cfg.model.dtype, on_checkpoint=upload,
+                                       on_progress=on_progress)
     else:
         stats = run_trainer(base_dir, examples, out, cfg.train, checkpoint_dir=ckpt_dir,
-                            dtype=cfg.model.dtype, on_checkpoint=upload_then)
+                            dtype=cfg.model.dtype, on_checkpoint=upload_then, on_progress=on_progress)
     ref = BranchRef(index=index, label=label, key=key, uri=store.uri_for(key), sources=sorted(sources),
-                           **stats.model_dump())
+                    **stats.model_dump())
     store.commit_dir(key, out, metadata={"kind": "branch", "branch": ref.model_dump()})
     store.delete_prefix(ckpt_prefix)
     shutil.rmtree(work, ignore_errors=True)
     _log_branch(ref)
     return ref
+
+
+REUSE_TOLERANCE_S = 5.0
+"""A branch whose training began more than this before it was asked for was trained
+earlier and reused from the store (allows for clock skew between machines)."""
+
+
+def branch_timing(ref: BranchRef, asked: float, started: float | None, ended: float) -> BranchTiming:
+    """Where the wall time of the flow run that produced ``ref`` went.
+
+    Args:
+        ref: the branch, with ``started_at`` and ``wall_s`` of its training run.
+        asked, started, ended: Unix times at which the parent asked for the branch (or
+            its flow run was created), the flow run entered Running (None: never seen
+            Running, taken as ``asked``) and ended.
+
+    Returns:
+        :class:`BranchTiming`: wall = ended − asked, queued = started − asked, start-up =
+        training start − started, commit = ended − training end (each ≥ 0, clock skew
+        clipped), and for a branch trained before ``asked`` (reused from the store) no
+        training at all.
+    """
+    started = asked if started is None else started
+    wall, queued = ended - asked, max(0.0, started - asked)
+    if ref.started_at is None or ref.started_at < asked - REUSE_TOLERANCE_S:
+        return BranchTiming(wall_s=wall, queued_s=queued, startup_s=None, train_s=0.0, commit_s=None, reused=True)
+    return BranchTiming(wall_s=wall, queued_s=queued, startup_s=max(0.0, ref.started_at - started),
+                        train_s=ref.wall_s, commit_s=max(0.0, ended - (ref.started_at + ref.wall_s)))
 
 
 def _log_branch(ref: BranchRef) -> None:

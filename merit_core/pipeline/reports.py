@@ -3,13 +3,19 @@ report and the study's per-seed records and report, written to the store."""
 
 from __future__ import annotations
 
+import base64
+import logging
+import mimetypes
 from collections.abc import Sequence
 
 from merit_core.pipeline.layout import report_key, seed_record_key, seed_records_prefix
 from merit_core.pipeline.study import SeedRecord, combine
 from merit_core.report import write_report
 from merit_core.report import write_study_report as render_study_report
-from merit_core.store import ArtifactStore
+from merit_core.report.render import link_images
+from merit_core.store import ArtifactStore, StoreError
+
+logger = logging.getLogger("merit")
 
 
 def _with_uri(data: dict, md: str, uri: str) -> tuple[dict, str]:
@@ -29,6 +35,33 @@ def write_run_report(store: ArtifactStore, run_id: str, **parts) -> tuple[dict, 
     data = write_report(staging, run_id=run_id, **parts)
     md = (staging / "report.md").read_text()
     return _with_uri(data, md, store.commit_dir(key, staging, metadata={"kind": "report"}))
+
+
+def report_for_viewer(store: ArtifactStore, key: str, md: str, expires_s: int = 7 * 24 * 3600) -> str:
+    """The report markdown for a viewer that cannot read the store (the Prefect UI): every
+    image of the report directory ``key`` (``![alt](name.png)``, a path beside report.md)
+    points at a presigned URL valid ``expires_s`` seconds (S3), or is embedded as a
+    ``data:`` URI where the store has no URLs (a local directory) or cannot sign one.
+    The report.md in the store keeps its relative paths."""
+    files = None
+
+    def resolve(name: str) -> str:
+        nonlocal files
+        try:
+            url = store.presigned_url(f"{key}/{name}", expires_s)
+        except StoreError as e:
+            logger.warning("report image %s: %s; embedding it instead", name, e)
+            url = None
+        if url:
+            return url
+        files = files or store.fetch_dir(key)
+        path = files / name
+        if not path.is_file():
+            return name
+        mime = mimetypes.guess_type(name)[0] or "application/octet-stream"
+        return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode('ascii')}"
+
+    return link_images(md, resolve)
 
 
 def save_seed_record(store: ArtifactStore, record: SeedRecord) -> str:

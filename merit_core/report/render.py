@@ -17,6 +17,8 @@ newline. Undefined names raise (``StrictUndefined``).
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Callable
 from functools import cache
 from typing import Any
 
@@ -72,3 +74,13 @@ def render(template: str, **context: Any) -> str:
 def macro(name: str, template: str = "tables.md.j2") -> Any:
     """The macro ``name`` of ``template``, callable from Python (returns markdown text)."""
     return getattr(environment().get_template(template).module, name)
+
+
+_IMAGE = re.compile(r"!\[(?P<alt>[^\]]*)\]\((?P<src>[^)\s:]+)\)")
+"""A markdown image whose target is a relative path (no scheme, no spaces)."""
+
+
+def link_images(md: str, resolve: Callable[[str], str]) -> str:
+    """``md`` with the target of every image given by a relative path (``![alt](x.png)``)
+    replaced by ``resolve(path)``; absolute URLs and everything else are kept."""
+    return _IMAGE.sub(lambda m: f"![{m['alt']}]({resolve(m['src'])})", md)

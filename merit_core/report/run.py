@@ -70,6 +70,18 @@ def metrics_markdown(tables: Mapping[str, dict]) -> str:
     return str(macro("metric_sections")(_sections(tables, HELDOUT_METRICS)))
 
 
+def fanout_overhead(branches: Mapping[str, Sequence[BranchRef]]) -> dict | None:
+    """The fan-out's overhead summed over every branch with a :class:`~merit_core.refs.BranchTiming`:
+    ``{"branches", "wall_s", "train_s", "overhead_s", "fraction"}`` (fraction = overhead /
+    wall), or None when no branch has one (e.g. a report built outside a flow)."""
+    timed = [b.timing for refs in branches.values() for b in refs if b.timing is not None]
+    if not timed:
+        return None
+    wall, train = sum(t.wall_s for t in timed), sum(t.train_s for t in timed)
+    return {"branches": len(timed), "wall_s": wall, "train_s": train, "overhead_s": wall - train,
+            "fraction": (wall - train) / wall if wall > 0 else 0.0}
+
+
 def mixture_table(mixture: MixtureRef) -> str:
     """Markdown table of the mixture: per source its kind and example, split, loss-token,
     truncated and dropped counts."""
@@ -104,11 +116,12 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     plot_conflict(conflict, out / HEATMAP)
     pca_png = plot_pca(conflict, partition, out / PCA_PLOT)
+    fanout = fanout_overhead(branches)
     text = render(
         "run.md.j2", run_id=run_id, results=_sections(tables, HELDOUT_METRICS),
         benchmarks=_sections(benchmarks, BENCHMARK_METRICS) if benchmarks else None, partition=partition,
         heatmap=HEATMAP, pca_plot=PCA_PLOT if pca_png else None, branches=branches, mixture=mixture, timings=timings,
-        config_source=(extra or {}).get("config_source"),
+        fanout=fanout, config_source=(extra or {}).get("config_source"),
     )
     (out / "report.md").write_text(text)
     data = {
@@ -119,6 +132,7 @@ def write_report(
         "metrics": dict(tables),
         "branches": {k: [b.model_dump() for b in v] for k, v in branches.items()},
         "timings": [t.model_dump() for t in timings],
+        "fanout": fanout,
         "benchmarks": dict(benchmarks or {}),
         **(dict(extra) if extra else {}),
     }

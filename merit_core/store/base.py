@@ -38,6 +38,17 @@ class ArtifactStore(ABC):
         key = check_key(key, allow_empty=True)
         return f"{self.uri.rstrip('/')}/{key}" if key else self.uri
 
+    def presigned_url(self, key: str, expires_s: int = 7 * 24 * 3600) -> str | None:
+        """An HTTP(S) URL that reads the single object ``key`` without credentials for
+        ``expires_s`` seconds (for links in the Prefect UI), or None where the store has
+        no such thing: a local directory has only its ``file://`` URI (:meth:`uri_for`).
+
+        Raises:
+            StoreError: the URL cannot be signed (no credentials).
+        """
+        check_key(key)
+        return None
+
     @abstractmethod
     def staging_dir(self, key: str) -> Path:
         """An empty local directory to write the directory artifact ``key`` into before

@@ -209,6 +209,18 @@ class S3Store(ArtifactStore):
         suffix = "/" + MANIFEST_NAME
         return sorted(k[strip : -len(suffix)] for k in self.transport.list(search) if k.endswith(suffix))
 
+    def presigned_url(self, key: str, expires_s: int = 7 * 24 * 3600) -> str:
+        """A presigned GET URL of ``key`` (boto3 ``generate_presigned_url``; signed locally
+        with this store's credentials, no request is made), valid ``expires_s`` seconds
+        (at most 7 days with SigV4)."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        params = {"Bucket": self.bucket, "Key": self._full(check_key(key))}
+        try:
+            return self.client.generate_presigned_url("get_object", Params=params, ExpiresIn=int(expires_s))
+        except (BotoCoreError, ClientError) as e:
+            raise StoreError(f"cannot presign {self.uri_for(key)}: {type(e).__name__}") from None
+
     def delete_prefix(self, prefix: str) -> None:
         full = self._full(check_key(prefix, what="prefix"))
         keys = self.transport.list(full + "/")

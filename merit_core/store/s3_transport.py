@@ -154,6 +154,7 @@ class S3Transport:
             read_timeout=t.read_timeout,
             s3={"addressing_style": self.addressing_style},
             max_pool_connections=max(10, 2 * t.max_concurrency),
+            signature_version="s3v4",  # SigV4 for presigned URLs too (botocore presigns SigV2 by default)
         )
         log.debug("S3 client for bucket %r, endpoint %r (region=%s, addressing=%s)",
                   self.bucket, redact_url(self.endpoint_url), self.region, self.addressing_style)

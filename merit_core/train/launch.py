@@ -7,7 +7,10 @@ or DeepSpeed ZeRO when ``train.deepspeed`` is set) spreads the branch over the G
 its worker. :func:`run_distributed_branch` starts the ranks with
 ``torch.distributed.launcher.api.elastic_launch``, which hands each rank's return value
 back to the parent: every rank runs :func:`train_rank`, rank 0 hands each checkpoint the
-Trainer writes to the caller's ``on_checkpoint`` (the pipeline commits it to the store). The ranks write to the parent's stdout/stderr.
+Trainer writes to the caller's ``on_checkpoint`` (the pipeline commits it to the store)
+and each Trainer log to a file that the parent follows (:mod:`merit_core.train.progress`):
+the parent logs the training progress and calls ``on_progress`` in its own process and
+context. The ranks write to the parent's stdout/stderr.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 from merit_core.config import TrainConfig
 from merit_core.refs import TrainStats, read_examples
 from merit_core.train.checks import TrainError, TrainSetupError
+from merit_core.train.progress import AppendProgress, ProgressFollower, ProgressHook
 from merit_core.train.trainer import train_branch
 
 logger = logging.getLogger(__name__)
@@ -53,7 +57,8 @@ def resolve_nproc(value: int | str) -> int:
 
 def run_distributed_branch(base_dir: str | os.PathLike, examples: str | os.PathLike, output_dir: str | os.PathLike,
                            cfg: TrainConfig, *, nproc: int, checkpoint_dir: str | os.PathLike, dtype: str = "float32",
-                           on_checkpoint: Callable[[Path], None] | None = None) -> TrainStats:
+                           on_checkpoint: Callable[[Path], None] | None = None,
+                           on_progress: ProgressHook | None = None) -> TrainStats:
     """Train one branch on ``nproc`` local processes and return rank 0's stats.
 
     Args:
@@ -69,6 +74,8 @@ def run_distributed_branch(base_dir: str | os.PathLike, examples: str | os.PathL
             once the Trainer has written it (e.g. to commit it to the store); it is
             pickled to the ranks, so it must be a picklable callable (a module-level
             function or an instance of a module-level class).
+        on_progress: called in this process (in a thread running in a copy of the
+            caller's context) with each Trainer log of rank 0; it is not pickled.
 
     Without ``OMP_NUM_THREADS`` in the environment each rank of a multi-process branch
     uses one intra-op thread (torchrun's default) unless ``cfg.threads`` says otherwise.
@@ -93,9 +100,11 @@ def run_distributed_branch(base_dir: str | os.PathLike, examples: str | os.PathL
         config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=uuid.uuid4().hex,
                               rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
                               logs_specs=DefaultLogsSpecs(log_dir=logs))
+        progress = Path(logs) / "progress.jsonl"
         try:
-            results = elastic_launch(config, train_rank)(
-                cfg, str(base_dir), str(examples), str(output_dir), str(checkpoint_dir), dtype, on_checkpoint)
+            with ProgressFollower(progress, on_progress):
+                results = elastic_launch(config, train_rank)(cfg, str(base_dir), str(examples), str(output_dir),
+                                                             str(checkpoint_dir), dtype, on_checkpoint, str(progress))
         except ChildFailedError as err:
             raise TrainError(f"distributed branch ({nproc} processes) failed:\n{err}") from err
     refused = [r for r in results.values() if isinstance(r, RankSetupFailure)]
@@ -105,9 +114,11 @@ def run_distributed_branch(base_dir: str | os.PathLike, examples: str | os.PathL
 
 
 def train_rank(cfg: TrainConfig, base_dir: str, examples: str, output_dir: str, checkpoint_dir: str, dtype: str,
-               on_checkpoint: Callable[[Path], None] | None) -> TrainStats | RankSetupFailure:
+               on_checkpoint: Callable[[Path], None] | None,
+               progress_path: str | None = None) -> TrainStats | RankSetupFailure:
     """What every rank of :func:`run_distributed_branch` runs (``RANK``, ``WORLD_SIZE``
-    and the rendezvous are set by the elastic agent); arguments as there.
+    and the rendezvous are set by the elastic agent); arguments as there. Rank 0 appends
+    each Trainer log to ``progress_path`` (JSON Lines) and leaves logging it to the parent.
 
     Returns:
         This rank's :class:`TrainStats`, or a :class:`RankSetupFailure` naming the
@@ -116,13 +127,16 @@ def train_rank(cfg: TrainConfig, base_dir: str, examples: str, output_dir: str, 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
+    if progress_path:  # the parent logs each record (ProgressFollower); not twice on the console
+        logging.getLogger("merit_core.train.progress").setLevel(logging.WARNING)
     if world > 1 and "OMP_NUM_THREADS" not in os.environ:  # torchrun's default: no oversubscribed cores
         os.environ["OMP_NUM_THREADS"] = "1"
         torch.set_num_threads(1)
     try:
         result: TrainStats | RankSetupFailure = train_branch(
             base_dir, read_examples(examples), output_dir, cfg, checkpoint_dir=checkpoint_dir, dtype=dtype,
-            on_checkpoint=on_checkpoint if rank == 0 else None)
+            on_checkpoint=on_checkpoint if rank == 0 else None,
+            on_progress=AppendProgress(progress_path) if rank == 0 and progress_path else None)
     except TrainSetupError as err:
         result = RankSetupFailure(rank=rank, message=str(err))
     # Leave together: a rank that exits while others still use the process group

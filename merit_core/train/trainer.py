@@ -26,6 +26,7 @@ from merit_core.data.types import TokenizedExample
 from merit_core.precision import resolve_bf16
 from merit_core.refs import TrainStats
 from merit_core.train.checks import TrainSetupError, check_train_setup
+from merit_core.train.progress import ProgressHook, progress_callback
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ def world_size() -> int:
 def train_branch(base_dir: str | os.PathLike, examples: Sequence[TokenizedExample], output_dir: str | os.PathLike,
                  cfg: TrainConfig, *, checkpoint_dir: str | os.PathLike | None = None, resume: bool = True,
                  dtype: str = "float32", on_checkpoint: Callable[[Path], None] | None = None,
-                 callbacks: Sequence[object] = ()) -> TrainStats:
+                 callbacks: Sequence[object] = (), on_progress: ProgressHook | None = None) -> TrainStats:
     """Fine-tune a copy of θ(0) on ``examples`` and save θ_k to ``output_dir``.
 
     Args:
@@ -130,6 +131,8 @@ def train_branch(base_dir: str | os.PathLike, examples: Sequence[TokenizedExampl
             (the pipeline uploads it to the object store); on rank 0 only.
         callbacks: extra ``transformers.TrainerCallback`` objects (e.g. the throughput
             benchmark's step timer); the batch collator is ``train_dataloader.collate_fn``.
+        on_progress: called on rank 0 with each Trainer log, a :class:`~merit_core.train.progress.TrainProgress`
+            (also logged as one INFO line on ``merit_core.train.progress``).
 
     Under torchrun (``WORLD_SIZE`` > 1, see :mod:`merit_core.train.launch`) every rank
     calls this; each takes ``cfg.batch_size / WORLD_SIZE`` examples per micro-step, so
@@ -149,27 +152,33 @@ def train_branch(base_dir: str | os.PathLike, examples: Sequence[TokenizedExampl
         raise TrainSetupError("train_branch: the branch has no training examples")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    output_dir = Path(output_dir)
-    ckpt_root = Path(checkpoint_dir) if checkpoint_dir else output_dir.parent / f"{output_dir.name}-checkpoints"
-    ckpt_root.mkdir(parents=True, exist_ok=True)
+    output_dir, ckpt_root = _output_dirs(output_dir, checkpoint_dir)
     tokenizer, model, packed, use_cache = _load(base_dir, cfg, dtype)
     world = world_size()
     check_train_setup(cfg, world)
     collator = _collator(tokenizer, cfg, packed)
     trainer = Trainer(model=model, args=_training_arguments(cfg, ckpt_root, world),
                       train_dataset=_ListDataset(examples), data_collator=collator,
-                      callbacks=[*callbacks, *_upload_callbacks(on_checkpoint)])
+                      callbacks=[*callbacks, *_upload_callbacks(on_checkpoint), progress_callback(on_progress)])
     resume_from, resumed_step = _resume_point(ckpt_root) if resume else (None, 0)
-    t0 = time.perf_counter()
+    started_at, t0 = time.time(), time.perf_counter()
     out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     wall = time.perf_counter() - t0
     model.config.use_cache = use_cache  # switched off for training by _load
     _save(trainer, tokenizer, output_dir)
     real = collator.real_token_fraction
-    return TrainStats(trained_tokens=trained_token_count(examples, cfg), examples=len(examples),
-                      steps=int(trainer.state.global_step), wall_s=wall, resumed_from_step=resumed_step,
+    return TrainStats(trained_tokens=trained_token_count(examples, cfg), examples=len(examples), wall_s=wall,
+                      steps=int(trainer.state.global_step), started_at=started_at, resumed_from_step=resumed_step,
                       train_loss=float(out.training_loss) if out.training_loss is not None else math.nan,
                       processes=world, packed=packed, real_token_fraction=None if math.isnan(real) else real)
+
+
+def _output_dirs(output_dir: str | os.PathLike, checkpoint_dir: str | os.PathLike | None) -> tuple[Path, Path]:
+    """``output_dir`` and the checkpoint root (created; default ``<output_dir>-checkpoints``)."""
+    output_dir = Path(output_dir)
+    ckpt_root = Path(checkpoint_dir) if checkpoint_dir else output_dir.parent / f"{output_dir.name}-checkpoints"
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    return output_dir, ckpt_root
 
 
 def _resume_point(ckpt_root: Path) -> tuple[Path | None, int]:
