@@ -213,7 +213,8 @@ def test_server_worker_deployments_and_trigger(tmp_path, tiny_model_dir):
             assert parent.empirical_policy.retries == 1  # merit/full's flow-level retry
             branch_runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["merit-branch"])))
             assert len(branch_runs) == 2, [r.name for r in branch_runs]
-            (process_dep,) = client.read_deployments(
+            (process_dep,) = client.read_deployments(  # merit-branch/process (merit-gradients/process shares the name)
+                flow_filter=FlowFilter(name=FlowFilterName(any_=["merit-branch"])),
                 deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["process"])))
             for r in branch_runs:
                 assert r.state.is_completed(), (r.name, r.state)

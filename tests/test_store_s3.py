@@ -395,6 +395,7 @@ def test_unresponsive_endpoint_times_out(tmp_path):
 
 def test_credentials_absent_from_logs_files_and_repr(make_store, endpoint, bucket, tmp_path, caplog):
     caplog.set_level(logging.DEBUG)  # everything, botocore included
+    caplog.set_level(logging.DEBUG, logger="merit_core")  # tasks/logs.py gives merit's loggers INFO
     store = make_store()
     d = store.staging_dir(KEY)
     (d / "config.json").write_bytes(b"{}")
