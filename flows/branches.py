@@ -23,13 +23,13 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from uuid import UUID
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, task
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
 from prefect.client.schemas.objects import FlowRun
 from prefect.client.schemas.sorting import FlowRunSort
 from prefect.deployments import run_deployment
-from prefect.exceptions import FlowRunWaitTimeout, MissingContextError, ObjectNotFound
+from prefect.exceptions import FlowRunWaitTimeout, ObjectNotFound
 from prefect.flow_runs import wait_for_flow_run
 from prefect.futures import as_completed
 from prefect.runtime import flow_run
@@ -38,7 +38,7 @@ from prefect.states import Scheduled
 from prefect.task_runners import ProcessPoolTaskRunner
 from prefect.utilities.asyncutils import run_coro_as_sync
 
-from flows.common import BRANCH_RUN_NAME
+from flows.common import BRANCH_RUN_NAME, run_logger
 from merit_core.config import MeritConfig
 from merit_core.pipeline.branches import branch_timing
 from merit_core.refs import BranchRef, MixtureRef, ModelRef
@@ -170,10 +170,7 @@ def _with_subflow_timings(refs: list[BranchRef], run_id: str, asked: list[float]
 
 
 def _logger() -> logging.Logger | logging.LoggerAdapter:
-    try:
-        return get_run_logger()
-    except MissingContextError:
-        return logging.getLogger("merit.branches")
+    return run_logger("merit.branches")
 
 
 def _parent_flow_run_id() -> str | None:

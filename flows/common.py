@@ -1,12 +1,14 @@
 """What every flow does before its first stage: the run's config (published as the
 ``merit-config`` artifact), its stage timer, and the flow-run names built from the config."""
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
 import yaml
 from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact
+from prefect.exceptions import MissingContextError
 from prefect.runtime import flow_run
 
 from merit_core.config import ChosenConfig, MeritConfig, choose_config
@@ -53,6 +55,14 @@ def publish_config(chosen: ChosenConfig) -> None:
     text = yaml.safe_dump(chosen.config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
     create_markdown_artifact(key="merit-config", markdown=f"Config: {chosen.source}\n\n```yaml\n{text}```\n",
                              description=f"The config of this run: {chosen.source}")
+
+
+def run_logger(fallback: str) -> logging.Logger | logging.LoggerAdapter:
+    """The current flow or task run's logger; the logger ``fallback`` outside a run."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger(fallback)
 
 
 def run_id(name: str) -> str:

@@ -25,15 +25,16 @@ import hashlib
 import logging
 import os
 
-from prefect import flow, get_run_logger
+from prefect import flow
 from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
-from prefect.exceptions import MissingContextError, ObjectNotFound
+from prefect.exceptions import ObjectNotFound
 from prefect.runtime import flow_run
 from prefect.settings import PREFECT_API_URL
 from prefect.task_runners import ProcessPoolTaskRunner
 
 from flows.branches import reschedule, wait_for_flow_runs
+from flows.common import run_logger
 from merit_core.config import MeritConfig
 from merit_core.fanout import threads_per_worker
 from merit_core.pipeline.conflict import source_sketch_key
@@ -120,10 +121,7 @@ def _log_plan(config: MeritConfig, mixture: MixtureRef, plan: GradientPlan) -> N
 
 
 def _logger() -> logging.Logger | logging.LoggerAdapter:
-    try:
-        return get_run_logger()
-    except MissingContextError:
-        return logging.getLogger("merit.gradients")
+    return run_logger("merit.gradients")
 
 
 # --- deployment fan-out -------------------------------------------------------------------
