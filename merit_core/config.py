@@ -184,6 +184,10 @@ class StoreConfig(StrictModel):
         "auto", description="S3 addressing: path for MinIO/Ceph, virtual or auto for AWS.")
     credentials_block: str | None = Field(None, description="Name of a Prefect AwsCredentials block; none = the "
                                           "AWS chain (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, profile, role).")
+    connect_timeout_s: float = Field(5.0, gt=0, description="S3: seconds to wait for a connection.")
+    read_timeout_s: float = Field(8.0, gt=0, description="S3: seconds to wait for an answer on an open connection.")
+    max_attempts: int = Field(3, ge=1, description="S3: tries per request (botocore's standard retries); an "
+                              "endpoint that never answers fails after about max_attempts × read_timeout_s.")
 
 
 class BaselinesConfig(StrictModel):
