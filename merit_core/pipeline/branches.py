@@ -5,6 +5,7 @@ finished branches back from the store."""
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -72,6 +73,7 @@ def train_branch(cfg: MeritConfig, store: ArtifactStore, base: ModelRef, mixture
     work = default_cache_dir() / "work" / work_dir_name(run_id, label, index)
     ckpt_dir = work / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
+    (work / "pid").write_text(f"{os.getpid()}\n")  # the process training this branch (for an operator)
     _restore_newest_checkpoint(store, ckpt_prefix, ckpt_dir)
 
     upload = CheckpointUpload(store, ckpt_prefix)
