@@ -237,6 +237,9 @@ class RunConfig(StrictModel):
     branch_timeout_s: float | None = Field(
         None, gt=0, description="branch_execution=deployment: fail a branch flow run that has not finished "
         "after this many seconds (None: wait as long as it takes).")
+    resume: str = Field("auto", description="auto: continue a dead unfinished run of this config on this store "
+                        "(merit run again after a crash); never: always a new run (--fresh); or a run id to "
+                        "continue (--resume RUN_ID). docs/reliability.md.")
 
 
 class MeritConfig(StrictModel):
