@@ -16,6 +16,7 @@ count towards RSS and a container's memory limit). :class:`ShardWriter` (in
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -40,6 +41,9 @@ _SKIP_FILES = {"manifest.json", "manifest.json.tmp", "trainer_state.json"}
 
 # Elements per block of :meth:`Checkpoint.blocks`: a float64 block is at most 32 MiB.
 BLOCK_ELEMENTS = 1 << 22
+# Direct IO: buffer and file-offset alignment, and the smallest read that uses it.
+ALIGN = 4096
+DIRECT_MIN = 1 << 20
 # safetensors refuses headers over 100 MB; so do we (a corrupt length must not allocate).
 MAX_HEADER_BYTES = 100_000_000
 
@@ -135,9 +139,9 @@ def _begin(path: Path, item: tuple[str, Any]) -> int:
         raise MergeError(f"{path}: tensor {item[0]!r} has no valid data_offsets in the header") from None
 
 
-def pread_into(fd: int, buf: memoryview, offset: int, path: Path | str = "") -> None:
+def pread_into(fd: int, buf: memoryview, offset: int, path: Path | str = "", release: bool = True) -> None:
     """Fill ``buf`` from byte ``offset`` of ``fd`` (positioned reads, no file position),
-    then drop those pages from the page cache.
+    then (``release``) drop those pages from the page cache.
 
     Raises:
         MergeError: the file ends before ``buf`` is full.
@@ -148,7 +152,7 @@ def pread_into(fd: int, buf: memoryview, offset: int, path: Path | str = "") -> 
         if got == 0:
             raise MergeError(f"{path}: file ends at byte {offset}, expected {start + buf.nbytes}")
         view, offset = view[got:], offset + got
-    if buf.nbytes:
+    if buf.nbytes and release:
         os.posix_fadvise(fd, start, buf.nbytes, os.POSIX_FADV_DONTNEED)
 
 
@@ -271,21 +275,35 @@ class Checkpoint:
 
 
 class CheckpointReader:
-    """Positioned reads from one :class:`Checkpoint`; one descriptor per weight file,
-    opened on first use (``POSIX_FADV_SEQUENTIAL``: a larger read-ahead window).
-    Safe to use from several threads at once (``preadv`` has no shared file position)."""
+    """Positioned reads from one :class:`Checkpoint`; descriptors per weight file opened
+    on first use and closed by :meth:`close`. Safe to use from several threads at once
+    (``preadv`` has no shared file position).
+
+    A read into a caller's buffer (``out``, with :data:`ALIGN` bytes to spare) of at
+    least :data:`DIRECT_MIN` bytes takes its page-aligned middle with ``O_DIRECT``:
+    the device writes straight into the buffer, sparing the CPU the page-cache copy
+    (about a third of a streaming merge's CPU time on a 2-core machine). The two
+    partial pages at its ends go through the page cache and stay there, so the
+    neighbouring block finds them without reading them again. Filesystems that refuse
+    ``O_DIRECT`` are read through the page cache, released as they go.
+    """
 
     def __init__(self, ckpt: Checkpoint):
         self.ckpt = ckpt
-        self._fds: dict[str, int] = {}
+        self._fds: dict[tuple[str, bool], int | None] = {}
 
-    def _fd(self, fname: str) -> int:
-        fd = self._fds.get(fname)
-        if fd is None:
-            fd = os.open(self.ckpt.path / fname, os.O_RDONLY)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-            fd = self._fds.setdefault(fname, fd)  # another thread may have won the race
-        return fd
+    def _fd(self, fname: str, direct: bool = False) -> int | None:
+        key = (fname, direct)
+        if key not in self._fds:
+            try:
+                fd = os.open(self.ckpt.path / fname, os.O_RDONLY | (os.O_DIRECT if direct else 0))
+            except OSError:
+                if not direct:
+                    raise
+                fd = None
+            if self._fds.setdefault(key, fd) != fd and fd is not None:  # another thread won the race
+                os.close(fd)
+        return self._fds[key]
 
     def read(self, name: str, start: int = 0, count: int | None = None,
              out: torch.Tensor | None = None) -> torch.Tensor:
@@ -294,8 +312,8 @@ class CheckpointReader:
 
         Args:
             out: a contiguous uint8 tensor of at least ``count × itemsize`` bytes to read
-                into (reused buffers keep a streaming merge from allocating); the result
-                is then a view of it.
+                into (reused buffers keep a streaming merge from allocating), ``ALIGN``
+                more for direct IO; the result is then a view of it.
 
         Raises:
             KeyError: ``name`` is not stored. MergeError: the file is shorter than its header says.
@@ -305,18 +323,45 @@ class CheckpointReader:
         count = info.numel - start if whole else count
         if start < 0 or count < 0 or start + count > info.numel:
             raise ValueError(f"elements [{start}, {start + count}) are outside tensor {name!r} ({info.numel})")
-        nbytes = count * info.dtype.itemsize
-        buf = torch.empty(nbytes, dtype=torch.uint8) if out is None else out.reshape(-1)[:nbytes]
-        pread_into(self._fd(info.file), byte_view(buf), info.offset + start * info.dtype.itemsize,
-                   self.ckpt.path / info.file)
+        nbytes, off = count * info.dtype.itemsize, info.offset + start * info.dtype.itemsize
+        if out is None:
+            buf = torch.empty(nbytes, dtype=torch.uint8)
+        else:
+            out = out.reshape(-1)
+            shift = (off - out.data_ptr()) % ALIGN if out.numel() >= nbytes + ALIGN else 0
+            buf = out[shift:shift + nbytes]  # ≡ off (mod ALIGN): the aligned middle lands aligned
+        if not (out is not None and nbytes >= DIRECT_MIN and self._read_direct(info, off, buf)):
+            pread_into(self._fd(info.file), byte_view(buf), off, self.ckpt.path / info.file)
         t = buf.view(info.dtype)
         return t.reshape(info.shape) if whole else t
+
+    def _read_direct(self, info: TensorInfo, off: int, buf: torch.Tensor) -> bool:
+        """Read ``buf`` from byte ``off``: partial pages buffered, the rest O_DIRECT.
+        False (nothing read) where O_DIRECT is unavailable or ``buf`` is misaligned."""
+        fd = self._fd(info.file, direct=True)
+        if fd is None or (buf.data_ptr() - off) % ALIGN:
+            return False
+        a0, a1 = -(-off // ALIGN) * ALIGN, (off + buf.numel()) // ALIGN * ALIGN
+        mid = byte_view(buf)[a0 - off:a1 - off]
+        try:
+            pread_into(fd, mid, a0, self.ckpt.path / info.file, release=False)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            self._fds[(info.file, True)] = None  # refused after all: page cache from now on
+            return False
+        whole = byte_view(buf)
+        plain = self._fd(info.file)
+        pread_into(plain, whole[:a0 - off], off, self.ckpt.path / info.file, release=False)
+        pread_into(plain, whole[a1 - off:], a1, self.ckpt.path / info.file, release=False)
+        return True
 
     def close(self) -> None:
         """Close every descriptor (idempotent)."""
         fds, self._fds = self._fds, {}
         for fd in fds.values():
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
 
 
 def copy_side_files(src: str | Path, dst: str | Path) -> list[str]:

@@ -93,10 +93,10 @@ class MergeMethod:
     takes as keywords besides ``name`` (the tensor name).
     ``elementwise``: every output element depends only on the same element of the
     inputs. Such an operator is called on flat float64 blocks of a tensor (any length,
-    the same elements of every input and θ(0)) and gets one more keyword, ``counts``:
-    the K weights before normalisation (float64, (K,); all ones under the ``uniform``
-    policy or when none are given), so that it can form Σ_k c_k θ_k and divide by Σ_k c_k
-    once. Its float64 result is rounded once to the checkpoint's dtype. It must let
+    the same elements of every input and θ(0); the input blocks are scratch that it may
+    overwrite and return) and gets one more keyword, ``counts``: the K weights before
+    normalisation (float64, (K,); all ones under the ``uniform`` policy or when none are
+    given), so that it can form Σ_k c_k θ_k and divide by Σ_k c_k once. Its float64 result is rounded once to the checkpoint's dtype. It must let
     NaN/Inf inputs through to its result (they are detected there).
     """
 

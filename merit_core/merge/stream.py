@@ -2,49 +2,45 @@
 
 The output is cut into *units* in write order: for an elementwise operator a block of
 at most :func:`block_elements` elements of one tensor (so no tensor is ever held whole),
-otherwise one whole tensor. A thread pool reads the units ahead, every input (and θ(0))
-in parallel, with at most :data:`READ_BUDGET` bytes read and not yet merged (always at
-least one unit); the calling thread merges a unit in cache-sized chunks of
-:data:`CHUNK_ELEMENTS` and hands the result to :class:`~merit_core.merge.shards.ShardWriter`,
-whose thread writes and hashes it. Every input byte is read once.
+otherwise one whole tensor. A :class:`~merit_core.merge.prefetch.Prefetcher` reads the
+units ahead, every input (and θ(0)) in parallel, into a fixed set of buffers of
+:data:`READ_BUDGET` bytes in all; :data:`COMPUTE_THREADS` threads merge units in
+cache-sized chunks of :data:`CHUNK_ELEMENTS` (float64 maths, one rounding) into a fixed
+set of output buffers; :class:`~merit_core.merge.shards.ShardWriter`'s thread writes
+and hashes them in order. Every input byte is read once.
 
-Peak memory of an elementwise merge is about READ_BUDGET + one unit's output +
-``ShardWriter.queue_bytes``, whatever the size of the model or K; a whole-tensor
-operator holds the largest tensor of every input (and its float32 copies) instead.
+Peak memory of an elementwise merge is therefore fixed: READ_BUDGET + (COMPUTE_THREADS
++ 2) output blocks + a few MB of scratch, whatever the size of the model or K. A
+whole-tensor operator (``ties``, ``dare``) holds one tensor of every input and their
+float32 copies instead, reading the next tensors ahead within READ_BUDGET.
 """
 
 from __future__ import annotations
 
+import os
+import threading
 from collections import deque
-from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
 
-from merit_core.merge.io import Checkpoint, CheckpointReader, MergeError, TensorInfo
+from merit_core.merge.io import ALIGN, Checkpoint, MergeError, TensorInfo
+from merit_core.merge.prefetch import BufferPool, Prefetcher, Unit
 from merit_core.merge.registry import MergeMethod
 from merit_core.merge.rounding import round_to
 from merit_core.merge.shards import ShardWriter
 
-# Bytes of input read ahead and not yet merged (all inputs together).
+# Bytes of input buffers (all inputs together), for the units being merged and read ahead.
 READ_BUDGET = 192 << 20
-# Units that fit in READ_BUDGET at once: one merged while the others are read.
-UNITS_IN_FLIGHT = 3
-# Elements merged at a time inside a unit (float64 temporaries stay in the CPU caches).
-CHUNK_ELEMENTS = 1 << 16
-
-
-@dataclass(frozen=True)
-class Unit:
-    """Elements ``[start, start + count)`` of tensor ``name`` (flattened); ``count``
-    ``None`` means the whole tensor in its shape."""
-
-    name: str
-    info: TensorInfo
-    start: int = 0
-    count: int | None = None
+# Threads merging blocks (torch runs single-threaded in each: small chunks gain nothing
+# from its thread pool).
+COMPUTE_THREADS = min(2, os.cpu_count() or 1)
+# Units of input buffers: those being merged plus two read ahead.
+UNITS_IN_FLIGHT = COMPUTE_THREADS + 2
+# Elements merged at a time inside a unit (float64 scratch stays in the CPU caches).
+CHUNK_ELEMENTS = 1 << 18
 
 
 @dataclass
@@ -89,66 +85,59 @@ def stream_merge(job: MergeJob, ckpts: list[Checkpoint], base: Checkpoint | None
     units = plan_units(writer.order, writer.infos, job.spec.elementwise, len(sources))
     with ExitStack() as stack:
         readers = [stack.enter_context(c.open()) for c in sources]
-        ahead = Prefetcher(readers, units, has_base=base is not None)
-        stack.callback(ahead.close)
-        for unit, parts in ahead:
-            inputs, b = (parts[:-1], parts[-1]) if base is not None else (parts, None)
-            if not unit.info.dtype.is_floating_point:
-                writer.write(unit.name, _same_everywhere(unit.name, inputs, ckpts))
-            elif job.spec.elementwise:
-                writer.write(unit.name, _merge_block(job, unit, inputs, b, sources))
-            else:
-                writer.write(unit.name, _merge_whole(job, unit, inputs, b, ckpts, base))
+        if not job.spec.elementwise:
+            ahead = Prefetcher(readers, units, base is not None, None, READ_BUDGET)
+            stack.callback(ahead.close)
+            for unit, parts, release in ahead:
+                inputs, b = (parts[:-1], parts[-1]) if base is not None else (parts, None)
+                if unit.info.dtype.is_floating_point:
+                    writer.write(unit.name, _merge_whole(job, unit, inputs, b, ckpts, base))
+                else:
+                    writer.write(unit.name, _same_everywhere(unit.name, inputs, ckpts))
+                release()
+            return
+        stack.callback(torch.set_num_threads, torch.get_num_threads())
+        torch.set_num_threads(1)
+        _stream_blocks(job, units, readers, sources, base is not None, writer, stack)
 
 
-class Prefetcher:
-    """Iterates ``(unit, parts)``: ``parts`` the unit's elements from every reader (base
-    last; ``None`` for θ(0) of a non-float tensor, which is not read), read ahead by a
-    thread pool within :data:`READ_BUDGET` bytes. Call :meth:`close` when done."""
+def _stream_blocks(job: MergeJob, units: list[Unit], readers, sources: list[Checkpoint], has_base: bool,
+                   writer: ShardWriter, stack: ExitStack) -> None:
+    """The elementwise loop: read ahead into pooled buffers, merge on COMPUTE_THREADS,
+    write in order; output buffers go back to their pool once written."""
+    in_bytes = max((u.numel * r.ckpt.tensors[u.name].dtype.itemsize for u in units for r in readers), default=0)
+    in_pool = BufferPool(in_bytes + ALIGN, UNITS_IN_FLIGHT * len(readers))  # ALIGN: room for direct IO
+    out_pool = BufferPool(max((u.numel * u.info.dtype.itemsize for u in units), default=0), COMPUTE_THREADS + 2)
+    workers = ThreadPoolExecutor(COMPUTE_THREADS, thread_name_prefix="merit-merge")
+    stack.callback(workers.shutdown, wait=True, cancel_futures=True)
+    stack.callback(out_pool.close)  # runs first: wakes workers waiting for a buffer
+    stack.callback(in_pool.close)
+    ahead = Prefetcher(readers, units, has_base, in_pool, READ_BUDGET)
+    stack.callback(ahead.close)
+    done: deque[tuple[Unit, Future]] = deque()
 
-    def __init__(self, readers: list[CheckpointReader], units: list[Unit], has_base: bool):
-        self.readers, self.units, self.has_base = readers, units, has_base
-        self._pool = ThreadPoolExecutor(max_workers=min(8, len(readers)), thread_name_prefix="merit-read")
-        self._pending: deque[tuple[Unit, list[Future | None], int]] = deque()
+    def flush() -> None:
+        unit, fut = done.popleft()
+        piece, buf = fut.result()
+        writer.write(unit.name, piece, on_written=None if buf is None else (lambda b=buf: out_pool.give(b)))
 
-    def _submit(self, unit: Unit) -> int:
-        futures: list[Future | None] = []
-        nbytes = 0
-        for i, r in enumerate(self.readers):
-            if self.has_base and i == len(self.readers) - 1 and not unit.info.dtype.is_floating_point:
-                futures.append(None)
-                continue
-            futures.append(self._pool.submit(r.read, unit.name, unit.start, unit.count))
-            n = unit.info.numel if unit.count is None else unit.count
-            nbytes += n * r.ckpt.tensors[unit.name].dtype.itemsize
-        self._pending.append((unit, futures, nbytes))
-        return nbytes
-
-    def __iter__(self) -> Iterator[tuple[Unit, list[torch.Tensor | None]]]:
-        queued, in_flight = iter(self.units), 0
-        nxt = next(queued, None)
-        while nxt is not None or self._pending:
-            while nxt is not None and (not self._pending or in_flight + _unit_bytes(nxt, self.readers) <= READ_BUDGET):
-                in_flight += self._submit(nxt)
-                nxt = next(queued, None)
-            unit, futures, nbytes = self._pending.popleft()
-            parts = [None if f is None else f.result() for f in futures]
-            yield unit, parts
-            in_flight -= nbytes
-
-    def close(self) -> None:
-        """Cancel reads not started, wait for the running ones."""
-        for _, futures, _ in self._pending:
-            for f in futures:
-                if f is not None:
-                    f.cancel()
-        self._pending.clear()
-        self._pool.shutdown(wait=True)
+    for unit, parts, release in ahead:
+        if unit.info.dtype.is_floating_point:
+            fut = workers.submit(_merge_block, job, unit, parts, has_base, sources, out_pool, release)
+        else:
+            fut = workers.submit(_same_block, unit.name, parts[: len(sources) - has_base], sources, release)
+        done.append((unit, fut))
+        while len(done) > COMPUTE_THREADS:
+            flush()
+    while done:
+        flush()
 
 
-def _unit_bytes(unit: Unit, readers: list[CheckpointReader]) -> int:
-    n = unit.info.numel if unit.count is None else unit.count
-    return sum(n * r.ckpt.tensors[unit.name].dtype.itemsize for r in readers)
+def _same_block(name: str, parts: list[torch.Tensor], ckpts: list[Checkpoint], release) -> tuple[torch.Tensor, None]:
+    try:
+        return _same_everywhere(name, parts, ckpts).clone(), None
+    finally:
+        release()
 
 
 def _same_everywhere(name: str, parts: list[torch.Tensor], ckpts: list[Checkpoint]) -> torch.Tensor:
@@ -159,22 +148,50 @@ def _same_everywhere(name: str, parts: list[torch.Tensor], ckpts: list[Checkpoin
     return parts[0]
 
 
-def _merge_block(job: MergeJob, unit: Unit, parts: list[torch.Tensor], base: torch.Tensor | None,
-                 sources: list[Checkpoint]) -> torch.Tensor:
-    """One unit of an elementwise operator: float64 maths chunk by chunk, each result
-    rounded once into the output dtype. Returns the unit's output (1-D)."""
+class Workspace:
+    """Scratch for :func:`_merge_block`, one per compute thread (freed with the thread): a
+    float64 chunk per source and a float32 chunk for rounding (nothing allocated per chunk)."""
+
+    _local = threading.local()
+
+    def __init__(self, n_sources: int):
+        self.f64 = [torch.empty(CHUNK_ELEMENTS, dtype=torch.float64) for _ in range(n_sources)]
+        self.f32 = torch.empty(CHUNK_ELEMENTS, dtype=torch.float32)
+
+    @classmethod
+    def mine(cls, n_sources: int) -> Workspace:
+        """This thread's workspace for ``n_sources`` sources."""
+        ws = getattr(cls._local, "ws", None)
+        if ws is None or len(ws.f64) != n_sources:
+            ws = cls._local.ws = cls(n_sources)
+        return ws
+
+
+def _merge_block(job: MergeJob, unit: Unit, srcs: list[torch.Tensor], has_base: bool, sources: list[Checkpoint],
+                 out_pool: BufferPool, release) -> tuple[torch.Tensor, torch.Tensor]:
+    """One unit of an elementwise operator (``srcs``: the inputs' blocks, θ(0)'s last):
+    float64 maths chunk by chunk, each result rounded once into a pooled output buffer.
+    Returns the unit's output (1-D) and the buffer holding it."""
     dtype = unit.info.dtype
-    out = torch.empty(len(parts[0]), dtype=dtype)
-    f64 = torch.float64
-    for s in range(0, len(out), CHUNK_ELEMENTS):
-        e = min(s + CHUNK_ELEMENTS, len(out))
-        xs = [p[s:e].to(f64) for p in parts]
-        b = base[s:e].to(f64) if base is not None else None
-        merged = job.spec(xs, job.weights, b, name=unit.name, counts=job.counts, **job.settings)
-        piece = round_to(merged, dtype, out=out[s:e])
-        if not _all_finite(piece):
-            _explain_non_finite(unit, s, [*xs, *([b] if b is not None else [])], sources, merged)
-    return out
+    ws = Workspace.mine(len(srcs))
+    buf = out_pool.take()
+    try:
+        out = buf[: unit.numel * dtype.itemsize].view(dtype)
+        for s in range(0, unit.numel, CHUNK_ELEMENTS):
+            e = min(s + CHUNK_ELEMENTS, unit.numel)
+            xs = [w[: e - s].copy_(p[s:e]) for w, p in zip(ws.f64, srcs)]
+            b = xs.pop() if has_base else None
+            merged = job.spec(xs, job.weights, b, name=unit.name, counts=job.counts, **job.settings)
+            piece = round_to(merged, dtype, out=out[s:e], work=ws.f32)
+            if not _all_finite(piece):
+                again = [p[s:e].to(torch.float64) for p in srcs]  # the scratch copies were overwritten
+                _explain_non_finite(unit, again, sources, merged)
+    except BaseException:
+        out_pool.give(buf)
+        raise
+    finally:
+        release()
+    return out, buf
 
 
 def _merge_whole(job: MergeJob, unit: Unit, parts: list[torch.Tensor], base: torch.Tensor | None,
@@ -202,10 +219,9 @@ def _checked(t: torch.Tensor, name: str, c: Checkpoint) -> torch.Tensor:
     return t
 
 
-def _explain_non_finite(unit: Unit, start: int, xs: list[torch.Tensor], sources: list[Checkpoint],
-                        merged: torch.Tensor) -> None:
-    """Raise the MergeError for a non-finite merged chunk: the first input holding
-    NaN/Inf (elements from ``unit.start + start``), else an overflow of the output dtype."""
+def _explain_non_finite(unit: Unit, xs: list[torch.Tensor], sources: list[Checkpoint], merged: torch.Tensor) -> None:
+    """Raise the MergeError for a non-finite merged chunk ``xs`` (one per source): the
+    first source holding NaN/Inf, else an overflow of the output dtype."""
     for x, c in zip(xs, sources):
         _checked(x, unit.name, c)
     raise MergeError(f"merged tensor {unit.name!r} is not finite in {unit.info.dtype} (overflow; lower scale?)"

@@ -21,6 +21,7 @@ def merge_tensor(
     counts: torch.Tensor | None = None, **kw
 ) -> torch.Tensor:
     """``base + scale · Σ_k c_k (tensors[k] − base) / Σ_k c_k`` of one block (float64 in
-    and out); ``counts`` c_k default to the normalised ``weights``."""
-    delta = weighted_mean([t - base for t in tensors], weights if counts is None else counts)
-    return base + scale * delta
+    and out; ``tensors`` are scratch, overwritten); ``counts`` c_k default to the
+    normalised ``weights``."""
+    delta = weighted_mean([t.sub_(base) for t in tensors], weights if counts is None else counts)
+    return delta.mul_(scale).add_(base)
