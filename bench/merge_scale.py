@@ -134,31 +134,35 @@ def build_inputs(root: Path, shape: str, k: int) -> list[Path]:
 # ------------------------------------------------------------------ measuring
 
 FLOOR = textwrap.dedent("""
-    import os, sys, threading
-    out, size, inputs = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+    import mmap, os, sys, threading
+    out, size, write_mode, inputs = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:]
     CH = 16 << 20
-    def read_dir(d):
+    def read_dir(d):  # through the page cache, released as read (as merit reads the partial pages)
         buf = bytearray(CH)
         for f in sorted(os.listdir(d)):
             if f.endswith(".safetensors"):
                 fd = os.open(os.path.join(d, f), os.O_RDONLY)
                 pos = 0
                 while n := os.preadv(fd, [buf], pos):
+                    os.posix_fadvise(fd, pos, n, os.POSIX_FADV_DONTNEED)
                     pos += n
-                    os.posix_fadvise(fd, 0, pos, os.POSIX_FADV_DONTNEED)
                 os.close(fd)
-    def write():
-        block = os.urandom(CH)
-        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    def write():  # O_DIRECT (as merit writes) or through the page cache; fsync either way
+        block = mmap.mmap(-1, CH)
+        block.write(os.urandom(CH))
+        direct = os.O_DIRECT if write_mode == "direct" else 0
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | direct)
         left = size
         while left > 0:
-            left -= os.write(fd, block[:min(CH, left)])
+            left -= os.write(fd, memoryview(block)[:min(CH, -(-left // 4096) * 4096)])
+        os.ftruncate(fd, size)
         os.fsync(fd)
         os.close(fd)
     ts = [threading.Thread(target=read_dir, args=(d,)) for d in inputs] + [threading.Thread(target=write)]
     for t in ts: t.start()
     for t in ts: t.join()
 """)
+FLOORS = {"disk floor (direct write)": "direct", "disk floor (buffered write)": "buffered"}
 
 
 def drop_caches() -> str:
@@ -182,7 +186,7 @@ def timed(cmd: list[str], env: dict | None = None, cwd: Path | None = None) -> d
     if res.returncode != 0:
         sys.exit(f"failed ({res.returncode}): {shlex.join(cmd)}\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}")
     kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", res.stderr).group(1))
-    return {"wall": wall, "rss_gb": kb * 1024 / 1e9, "load": load, "note": note}
+    return {"wall": wall, "rss_gb": kb * 1024 / 1e9, "load": load, "load_after": os.getloadavg(), "note": note}
 
 
 def run_merit(inputs: list[Path], weights: list[float], out: Path) -> dict:
@@ -339,9 +343,10 @@ def measure(args, weights: list[float], size: int, root: Path, mk: Path | None, 
         print(f"built {args.k} checkpoints in {time.perf_counter() - t0:.0f} s", flush=True)
     rows = {}
     floor_out = root / "floor.bin"
-    rows["disk floor"] = timed([sys.executable, "-c", FLOOR, str(floor_out), str(size), *map(str, inputs)])
-    floor_out.unlink()
-    print("floor", rows["disk floor"], flush=True)
+    for name, mode in FLOORS.items():
+        rows[name] = timed([sys.executable, "-c", FLOOR, str(floor_out), str(size), mode, *map(str, inputs)])
+        floor_out.unlink()
+        print(name, rows[name], flush=True)
     rows["merit merge"] = run_merit(inputs, weights, root / "merit-out")
     print("merit", rows["merit merge"], flush=True)
     if mk is not None:
@@ -357,20 +362,22 @@ def measure(args, weights: list[float], size: int, root: Path, mk: Path | None, 
 
 def report(args, weights, size, rows, counts, argv) -> None:
     n = counts["n"]
-    floor = rows["disk floor"]["wall"]
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+    floor = min(rows[f]["wall"] for f in FLOORS)
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    cpu = next((ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if ln.startswith("Model name")), "?")
     lines = [
         f"{datetime.date.today()}, {args.shape}, K = {args.k}, weights {':'.join(f'{w:g}' for w in weights)}, "
         f"bf16, {size / GiB:.2f} GiB per checkpoint; {os.cpu_count()} CPUs ({cpu}), {platform.python_version()}",
         "",
-        "| | wall | × floor | peak RSS | load avg (1 min) before | elements = bf16(Σ w θ / Σ w, float64) |",
+        "| | wall | × floor | peak RSS | load avg (1 min) before → after | elements = bf16(Σ w θ / Σ w, float64) |",
         "|---|---|---|---|---|---|",
     ]
     exact = {"merit merge": counts["merit"], "mergekit linear": counts["mergekit"]}
     for name, r in rows.items():
         ex = f"{exact[name] / n:.6%} ({n - exact[name]} differ)" if name in exact else "–"
-        rss = "–" if name == "disk floor" else f"{r['rss_gb']:.2f} GB"
-        lines.append(f"| {name} | {r['wall']:.1f} s | {r['wall'] / floor:.2f} | {rss} | {r['load'][0]:.2f} | {ex} |")
+        rss = "–" if name in FLOORS else f"{r['rss_gb']:.2f} GB"
+        load = f"{r['load'][0]:.2f} → {r['load_after'][0]:.2f}"
+        lines.append(f"| {name} | {r['wall']:.1f} s | {r['wall'] / floor:.2f} | {rss} | {load} | {ex} |")
     if "mergekit linear" in rows:
         lines += ["", f"merit bytes equal mergekit's: {counts['same']} of {n} elements"
                       f" ({'identical' if counts['same'] == n else 'NOT identical'}); "

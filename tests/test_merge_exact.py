@@ -90,7 +90,9 @@ def hard_values(n: int, seed: int) -> torch.Tensor:
     parts = [mid.double() + tiny, mid16.double() + tiny, torch.randn(n, generator=g, dtype=torch.float64)]
     sub = torch.randn(n, generator=g, dtype=torch.float64) * 2.0**-130  # bf16 subnormals
     sub16 = torch.randn(n, generator=g, dtype=torch.float64) * 2.0**-20  # fp16 subnormals
-    out = torch.cat([p * scale * sign for p in parts] + [sub, sub16, torch.tensor([0.0, -0.0, 1 + 2**-8 + 2**-30])])
+    # bf16 subnormal midpoints plus less than float32's (subnormal) step: only float64 sees it
+    sub_mid = (2 * torch.randint(0, 64, (n,), generator=g) + 1).double() * 2.0**-134 + 2.0**-152
+    out = torch.cat([p * scale * sign for p in parts] + [sub, sub16, sub_mid * sign, torch.tensor([0.0, -0.0, 1 + 2**-8 + 2**-30])])
     return out[out.abs() < 60000]  # inside float16's finite range
 
 

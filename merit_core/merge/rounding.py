@@ -20,12 +20,18 @@ bit patterns ending in a bfloat16 or float16 half-step, and float16's subnormal 
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import torch
 
 # Per target: (mask, value) of the low bits of a float32 that may be a target midpoint
-# (the bits the target drops: 10...0), and |x| below which the target is subnormal.
-_MIDPOINT = {torch.bfloat16: (0xFFFF, 0x8000, 0.0), torch.float16: (0x1FFF, 0x1000, 2.0**-14)}
+# (the bits the target drops: 10...0), and |x| below which the target (or float32) is
+# subnormal, where any pattern may be one.
+_MIDPOINT = {torch.bfloat16: (0xFFFF, 0x8000, 2.0**-126), torch.float16: (0x1FFF, 0x1000, 2.0**-14)}
+
+
+_LOW_WORD = 0 if sys.byteorder == "little" else 1  # the uint32 of a float64 holding its low bits
 
 
 def round_to(x: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None,
@@ -66,8 +72,10 @@ def _fix_midpoints(x: torch.Tensor, r: torch.Tensor, mask: int, half: int, subno
     suspects are fixed one by one."""
     bits = r.reshape(-1).view(torch.int32).numpy()  # a view: written through
     suspect = (bits & mask) == half
-    if subnormal:
-        suspect |= np.abs(bits.view(np.float32)) < subnormal
+    # r == x (exact ties, common: weighted means of few-bit values) needs nothing; for a
+    # normal float32 r != x exactly when some of the 29 bits of x below its precision are set
+    suspect &= (x.reshape(-1).numpy().view(np.uint32)[_LOW_WORD::2] & 0x1FFFFFFF) != 0
+    suspect |= np.abs(bits.view(np.float32)) < subnormal  # float32 or target subnormal: check all
     idx = np.flatnonzero(suspect)
     if len(idx) == 0:
         return

@@ -20,6 +20,7 @@ import os
 import queue
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -183,6 +184,7 @@ class ShardWriter:
                     self._cond.notify_all()
         if out is not None:
             out.abandon()
+        staging.close()
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
@@ -213,85 +215,116 @@ class ShardWriter:
 
 
 class StagingBuffer:
-    """A page-aligned buffer (anonymous mmap) that O_DIRECT writes go out of."""
+    """Two page-aligned 8 MiB buffers (anonymous maps) that O_DIRECT writes go out of,
+    and the thread that writes them: one buffer fills while the other is on its way to
+    the disk, so hashing and copying overlap the device writes."""
 
     SIZE = 8 << 20
 
     def __init__(self):
-        self.map = mmap.mmap(-1, self.SIZE)
-        self.tensor = torch.frombuffer(self.map, dtype=torch.uint8)  # torch copies release the GIL
-        self.view = memoryview(self.map)
+        self.maps = [mmap.mmap(-1, self.SIZE) for _ in range(2)]
+        self.tensors = [torch.frombuffer(m, dtype=torch.uint8) for m in self.maps]  # copies release the GIL
+        self.cur = 0
+        self._pending: list[Future | None] = [None, None]
+        self._io = ThreadPoolExecutor(1, thread_name_prefix="merit-disk-write")
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        """The buffer being filled."""
+        return self.tensors[self.cur]
+
+    def submit(self, write: Callable[[memoryview, int], None], nbytes: int, offset: int) -> None:
+        """Write the first ``nbytes`` of the buffer being filled at ``offset`` (in the
+        background) and switch to the other buffer once its own write has finished."""
+        self._pending[self.cur] = self._io.submit(write, memoryview(self.maps[self.cur])[:nbytes], offset)
+        self.cur ^= 1
+        self._wait(self.cur)
+
+    def _wait(self, i: int) -> None:
+        fut, self._pending[i] = self._pending[i], None
+        if fut is not None:
+            fut.result()
+
+    def drain(self) -> None:
+        """Wait for both buffers' writes (raising the first error)."""
+        try:
+            self._wait(self.cur ^ 1)
+        finally:
+            self._wait(self.cur)
+
+    def close(self) -> None:
+        self._io.shutdown(wait=True)
 
 
 class ShardFile:
     """One output file being written in order, its sha256 fed as the bytes arrive.
 
-    Data goes out with ``O_DIRECT`` through a :class:`StagingBuffer` in aligned 8 MiB
-    writes (the last one padded, then truncated): buffered writes cost this process a
-    CPU second or more per GB in page-cache work, direct ones almost nothing. Where the
-    filesystem refuses ``O_DIRECT`` (tmpfs, some network filesystems) it falls back to
-    plain buffered writes.
+    Data goes out through a :class:`StagingBuffer` in 8 MiB ``O_DIRECT`` writes: a
+    buffered write costs this process about a CPU second per GB of page-cache work, a
+    direct one almost nothing. The last partial buffer goes through the page cache (no
+    alignment needed), as does everything where the filesystem refuses ``O_DIRECT``
+    (tmpfs, some network filesystems).
     """
-
-    ALIGN = 4096
 
     def __init__(self, path: Path, staging: StagingBuffer):
         self.path, self.staging = path, staging
         self.digest = hashlib.sha256()
-        self.size = self.fill = 0
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        self.size = self.fill = self.issued = 0  # bytes appended, staged, handed to the disk thread
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            self.fd, self.direct = os.open(path, flags | getattr(os, "O_DIRECT", 0), 0o644), hasattr(os, "O_DIRECT")
-        except OSError:
-            self.fd, self.direct = os.open(path, flags, 0o644), False
+            self.dfd: int | None = os.open(path, os.O_WRONLY | os.O_DIRECT)
+        except (OSError, AttributeError):
+            self.dfd = None
 
     def append(self, data: torch.Tensor) -> None:
         """Append the bytes of the 1-D uint8 tensor ``data``."""
         self.digest.update(byte_view(data))
         self.size += data.numel()
-        if not self.direct:
-            _write_all(self.fd, byte_view(data))
-            return
         pos, n, cap = 0, data.numel(), self.staging.SIZE
         while pos < n:
             take = min(cap - self.fill, n - pos)
             self.staging.tensor[self.fill:self.fill + take].copy_(data[pos:pos + take])
             self.fill, pos = self.fill + take, pos + take
             if self.fill == cap:
-                self._flush(cap)
+                self.staging.submit(self._pwrite, cap, self.issued)
+                self.issued, self.fill = self.issued + cap, 0
 
-    def _flush(self, nbytes: int) -> None:
-        """Write the first ``nbytes`` (a multiple of ALIGN) of the staging buffer."""
-        try:
-            _write_all(self.fd, self.staging.view[:nbytes])
-        except OSError as e:  # O_DIRECT refused at write time: continue buffered
-            if e.errno != errno.EINVAL or not self.direct:
-                raise
-            os.close(self.fd)
-            self.fd, self.direct = os.open(self.path, os.O_WRONLY | os.O_APPEND), False
-            _write_all(self.fd, self.staging.view[:nbytes])
-        self.fill = 0
+    def _pwrite(self, view: memoryview, offset: int) -> None:
+        """(The disk thread.) Write ``view`` at ``offset``: O_DIRECT, else buffered."""
+        if self.dfd is not None:
+            try:
+                return _pwrite_all(self.dfd, view, offset)
+            except OSError as e:  # O_DIRECT refused at write time: buffered from now on
+                if e.errno != errno.EINVAL:
+                    raise
+                os.close(self.dfd)
+                self.dfd = None
+        _pwrite_all(self.fd, view, offset)
 
     def close(self) -> str:
-        """Write what is staged, cut the padding, fsync, close; returns the sha256 hex digest."""
-        if self.fill:
-            if self.direct:
-                self._flush(-(-self.fill // self.ALIGN) * self.ALIGN)
-                os.ftruncate(self.fd, self.size)
-            else:
-                self._flush(self.fill)
+        """Write the staged tail, wait for the disk thread, fsync, close; returns the
+        sha256 hex digest."""
+        self.staging.drain()
+        _pwrite_all(self.fd, memoryview(self.staging.maps[self.staging.cur])[:self.fill], self.issued)
         os.fsync(self.fd)
-        if not self.direct:
-            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        os.close(self.fd)
+        os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        self.abandon()
         return self.digest.hexdigest()
 
     def abandon(self) -> None:
-        """Close without finishing (after a failure)."""
-        os.close(self.fd)
+        """Close the descriptors (after a failure, without finishing the file)."""
+        try:
+            self.staging.drain()
+        except Exception:  # the failure is being reported already
+            pass
+        for fd in (self.fd, self.dfd):
+            if fd is not None:
+                os.close(fd)
+        self.fd = self.dfd = None
 
 
-def _write_all(fd: int, data: memoryview) -> None:
-    """Write all of ``data`` at the end of ``fd``."""
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    """Write all of ``data`` at byte ``offset`` of ``fd``."""
     while data.nbytes:
-        data = data[os.write(fd, data):]
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n
