@@ -179,6 +179,57 @@ def test_token_weighted_is_correctly_rounded(tmp_path, monkeypatch, dtype, weigh
         assert naive_differs > 0
 
 
+@pytest.mark.parametrize("huge", [[1e308, 1e308], [1e308, 5e307, 1e300], [3e-320, 1e-320]],
+                         ids=["1e308x2", "1e308:5e307:1e300", "subnormal"])
+def test_extreme_weights_give_the_same_merge_as_their_ratios(tmp_path, huge):
+    """Weights that overflow (Σ = inf) or are subnormal: the merge equals the merge with
+    the same ratios at ordinary scale, bit for bit (issue 15, point 5: 1e308,1e308 used
+    to write an all-zero model)."""
+    sds = random_inputs(len(huge), torch.bfloat16, seed=3)
+    inputs = [write_checkpoint(tmp_path / f"b{i}", sd) for i, sd in enumerate(sds)]
+    big = load_file(merge_checkpoints(inputs, huge, tmp_path / "big") / "model.safetensors")
+    # The float64 reference with every weight times 2^-1024 (or 2^+1060 for the subnormal
+    # ones): an exact rescaling, which changes no ratio and cannot overflow.
+    shift = -1024 if max(huge) > 1 else 1060
+    scaled = [math.ldexp(x, shift) for x in huge]
+    assert all(math.isfinite(x) and x > 2.0 ** -1000 for x in scaled) and math.isfinite(sum(scaled))
+    ratios = [x / max(huge) for x in huge]
+    for name, t in big.items():
+        if not t.dtype.is_floating_point:
+            continue
+        xs = [sd[name] for sd in sds]
+        want = reference_round(weighted_reference(xs, scaled), torch.bfloat16)
+        assert torch.equal(t.view(torch.int16), want.view(torch.int16)), name
+        assert t.abs().max() > 0, f"{name} is all zero"
+        # and it is the merge of the ratios, up to the last bf16 step at ties
+        near = reference_round(weighted_reference(xs, ratios), torch.bfloat16)
+        assert (t.view(torch.int16).int() - near.view(torch.int16).int()).abs().max() <= 1, name
+
+
+def test_cli_merge_with_overflowing_weights_is_not_all_zero(tmp_path):
+    from typer.testing import CliRunner
+
+    from merit_cli.main import app
+
+    sds = random_inputs(2, torch.bfloat16, seed=5)
+    inputs = [write_checkpoint(tmp_path / f"b{i}", sd) for i, sd in enumerate(sds)]
+    for out, w in (("huge", "1e308,1e308"), ("ones", "1,1")):
+        r = CliRunner().invoke(app, ["merge", str(tmp_path / out), *map(str, inputs), "--weights", w])
+        assert r.exit_code == 0, r.output
+    huge = load_file(tmp_path / "huge" / "model.safetensors")
+    ones = load_file(tmp_path / "ones" / "model.safetensors")
+    for name in huge:  # equal weights at any scale: the same mean, up to one bf16 step at ties
+        a, b = huge[name], ones[name]
+        if a.dtype.is_floating_point:
+            assert (a.view(torch.int16).int() - b.view(torch.int16).int()).abs().max() <= 1, name
+        else:
+            assert torch.equal(a, b), name
+    assert huge["big.weight"].abs().max() > 0
+    r = CliRunner().invoke(app, ["merge", str(tmp_path / "neg"), *map(str, inputs), "--weights", "1e308,1e-300"])
+    assert r.exit_code == 1 and "negligible" in r.output, r.output
+    assert not (tmp_path / "neg").exists()
+
+
 def test_uniform_and_task_arithmetic_are_correctly_rounded(tmp_path):
     sds = random_inputs(4, torch.bfloat16, seed=7)
     inputs = [write_checkpoint(tmp_path / f"b{i}", sd) for i, sd in enumerate(sds[:3])]

@@ -168,7 +168,29 @@ def _counts(weights: Sequence[float] | None, k: int, spec: MergeMethod) -> torch
             raise MergeError(f"weight {i} is {x}; weights must be positive and finite")
     if spec.weights == "uniform":
         return torch.ones(k, dtype=torch.float64)
-    return torch.tensor([float(x) for x in weights], dtype=torch.float64)
+    return _power_of_two_scaled([float(x) for x in weights])
+
+
+def _power_of_two_scaled(weights: list[float]) -> torch.Tensor:
+    """``weights`` times the power of two that brings the largest into [0.5, 1), float64.
+
+    Scaling by a power of two is exact, so the merged values are unchanged bit for bit,
+    while Σ w_k and w_k θ_k can no longer overflow (weights of 1e308 would otherwise sum
+    to inf and give an all-zero model).
+
+    Raises:
+        MergeError: a weight that underflows to zero or a subnormal after the scaling
+            (a ratio to the largest weight below about 2^-1021): it would be ignored.
+    """
+    _, exp = math.frexp(max(weights))
+    scaled = [math.ldexp(x, -exp) for x in weights]
+    for i, (x, y) in enumerate(zip(weights, scaled)):
+        if y < 2.0 ** -1021:
+            raise MergeError(
+                f"weight {i} is {x}: negligible next to the largest weight {max(weights)} "
+                "(ratio below 2^-1021); drop that input or use comparable weights"
+            )
+    return torch.tensor(scaled, dtype=torch.float64)
 
 
 def _check_compatible(ckpts: list[Checkpoint], base: Checkpoint | None) -> dict[str, TensorInfo]:
