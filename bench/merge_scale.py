@@ -38,7 +38,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import threading
 import time
 from pathlib import Path
 
@@ -181,7 +180,7 @@ def timed(cmd: list[str], env: dict | None = None, cwd: Path | None = None) -> d
     note = drop_caches()
     load = os.getloadavg()
     t0 = time.perf_counter()
-    res = subprocess.run(["/usr/bin/time", "-v", *cmd], env=env, cwd=cwd, capture_output=True, text=True)
+    res = subprocess.run(["/usr/bin/time", "-v", *cmd], check=False, env=env, cwd=cwd, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if res.returncode != 0:
         sys.exit(f"failed ({res.returncode}): {shlex.join(cmd)}\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}")
@@ -215,8 +214,8 @@ def run_mergekit(exe: Path, inputs: list[Path], weights: list[float], out: Path,
 
 
 def mergekit_version(venv: Path) -> str:
-    res = subprocess.run([str(venv / "bin" / "python"), "-c", "import importlib.metadata as m;"
-                          "print(m.version('mergekit'), m.version('torch'))"], capture_output=True, text=True)
+    res = subprocess.run([str(venv / "bin" / "python"), "-c", ("import importlib.metadata as m;"
+                          "print(m.version('mergekit'), m.version('torch'))")], check=False, capture_output=True, text=True)
     return res.stdout.strip()
 
 
@@ -263,7 +262,7 @@ def compare(inputs: list[Path], weights: list[float], merit: Path, mergekit: Pat
 
     ins = [opener(d) for d in inputs]
     mo, ko = opener(merit), (opener(mergekit) if mergekit else None)
-    counts = {"n": 0, "merit": 0, "mergekit": 0, "same": 0}
+    counts = {"n": 0, "merit": 0, "mergekit": 0, "same": 0, "differ_where_mergekit_exact": 0}
     total = sum(weights)
     merged_names = weight_map(merit)
     for name, shape in tensor_shapes(args_shape).items():
@@ -286,6 +285,7 @@ def compare(inputs: list[Path], weights: list[float], merit: Path, mergekit: Pat
                     b = f.get_slice(name)[s:s + step].view(torch.int16)
                 counts["mergekit"] += int((b == ref).sum())
                 counts["same"] += int((a == b).sum())
+                counts["differ_where_mergekit_exact"] += int(((a != b) & (b == ref)).sum())
     return counts
 
 
@@ -363,11 +363,11 @@ def measure(args, weights: list[float], size: int, root: Path, mk: Path | None, 
 def report(args, weights, size, rows, counts, argv) -> None:
     n = counts["n"]
     floor = min(rows[f]["wall"] for f in FLOORS)
-    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    lscpu = subprocess.run(["lscpu"], check=False, capture_output=True, text=True).stdout
     cpu = next((ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if ln.startswith("Model name")), "?")
     lines = [
-        f"{datetime.date.today()}, {args.shape}, K = {args.k}, weights {':'.join(f'{w:g}' for w in weights)}, "
-        f"bf16, {size / GiB:.2f} GiB per checkpoint; {os.cpu_count()} CPUs ({cpu}), {platform.python_version()}",
+        (f"{datetime.date.today()}, {args.shape}, K = {args.k}, weights {':'.join(f'{w:g}' for w in weights)}, "
+        f"bf16, {size / GiB:.2f} GiB per checkpoint; {os.cpu_count()} CPUs ({cpu}), {platform.python_version()}"),
         "",
         "| | wall | × floor | peak RSS | load avg (1 min) before → after | elements = bf16(Σ w θ / Σ w, float64) |",
         "|---|---|---|---|---|---|",
@@ -379,9 +379,12 @@ def report(args, weights, size, rows, counts, argv) -> None:
         load = f"{r['load'][0]:.2f} → {r['load_after'][0]:.2f}"
         lines.append(f"| {name} | {r['wall']:.1f} s | {r['wall'] / floor:.2f} | {rss} | {load} | {ex} |")
     if "mergekit linear" in rows:
-        lines += ["", f"merit bytes equal mergekit's: {counts['same']} of {n} elements"
+        lines += ["", (f"merit bytes equal mergekit's: {counts['same']} of {n} elements"
                       f" ({'identical' if counts['same'] == n else 'NOT identical'}); "
-                      f"mergekit {mergekit_version(Path(args.mergekit_venv))} (version, torch)"]
+                      f"mergekit {mergekit_version(Path(args.mergekit_venv))} (version, torch)"),
+                  (f"elements where merit differs from a correctly rounded mergekit value: "
+                  f"{counts['differ_where_mergekit_exact']} (every other difference is one where "
+                  f"mergekit's value is not the correctly rounded mean)")]
     notes = {r["note"] for r in rows.values() if r["note"]}
     lines += [f"note: {x}" for x in notes] or ["page cache dropped before each run"]
     given = argv if argv is not None else sys.argv[1:]

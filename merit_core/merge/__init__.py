@@ -30,7 +30,6 @@ from typing import Any
 
 import torch
 
-from merit_core.store.manifest import MANIFEST_NAME, write_manifest
 from merit_core.merge import dare, task_arithmetic, ties, token_weighted, uniform  # noqa: F401 (they register)
 from merit_core.merge.io import (
     Checkpoint,
@@ -48,6 +47,7 @@ from merit_core.merge.registry import (
 )
 from merit_core.merge.shards import ShardWriter
 from merit_core.merge.stream import MergeJob, stream_merge
+from merit_core.store.manifest import MANIFEST_NAME, write_manifest
 
 __all__ = ["MERGE_METHODS", "MergeError", "MergeMethod", "get_method", "merge_checkpoints", "register"]
 

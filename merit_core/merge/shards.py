@@ -12,6 +12,7 @@ reading the shards back.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -174,7 +175,7 @@ class ShardWriter:
                     self.sha256[args[0]] = out.close()
                     out = None
                     remember_sha256(self.directory / args[0], self.sha256[args[0]])
-            except BaseException as e:  # re-raised in the producer by _raise_if_failed
+            except BaseException as e:  # noqa: BLE001 - re-raised in the producer by _raise_if_failed
                 self._error = e
             finally:
                 if kind == "data" and args[1] is not None:
@@ -313,10 +314,8 @@ class ShardFile:
 
     def abandon(self) -> None:
         """Close the descriptors (after a failure, without finishing the file)."""
-        try:
+        with contextlib.suppress(Exception):  # the failure that brought us here is reported already
             self.staging.drain()
-        except Exception:  # the failure is being reported already
-            pass
         for fd in (self.fd, self.dfd):
             if fd is not None:
                 os.close(fd)

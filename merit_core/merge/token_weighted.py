@@ -13,7 +13,6 @@ import torch
 
 from merit_core.merge.registry import register
 
-
 # A weight with at most this many significant bits times a value with at most 24 (bfloat16,
 # float16, float32 inputs) is exact in float64, so ``add_(t, alpha=c)`` (which may fuse
 # the multiply-add) equals rounding the product first; token counts always qualify.
