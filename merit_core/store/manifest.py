@@ -46,6 +46,32 @@ def sha256_file_cached(path: str | os.PathLike) -> str:
     return _sha256_of_version(str(p), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
 
 
+# sha256 of files whose writer computed it while writing, by file version (see remember_sha256).
+_KNOWN_SHA256: dict[tuple[int, int, int, int, int], str] = {}
+_KNOWN_LIMIT = 4096
+
+
+def _version(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def remember_sha256(path: str | os.PathLike, digest: str) -> None:
+    """Record the sha256 hex digest of a file its writer has just finished (computed
+    while writing), so that :func:`build_manifest` in this process does not read the
+    file back. The record is keyed by the file's version (device, inode, size, mtime,
+    ctime), so it survives a rename of the file or its directory and a file changed
+    afterwards is hashed again; the oldest records are dropped past 4096."""
+    _KNOWN_SHA256[_version(os.stat(path))] = digest
+    while len(_KNOWN_SHA256) > _KNOWN_LIMIT:
+        del _KNOWN_SHA256[next(iter(_KNOWN_SHA256))]
+
+
+def _manifest_sha256(path: Path) -> str:
+    """The sha256 of ``path``: the writer's record when there is one (remember_sha256),
+    else read from disk."""
+    return _KNOWN_SHA256.get(_version(path.stat())) or sha256_file(path)
+
+
 def list_files(directory: str | os.PathLike) -> list[str]:
     """Relative POSIX paths of all regular files under ``directory`` except the manifest."""
     root = Path(directory)
@@ -58,6 +84,9 @@ def list_files(directory: str | os.PathLike) -> list[str]:
 
 def build_manifest(directory: str | os.PathLike, metadata: dict[str, Any] | None = None) -> dict[str, Any]:
     """Hash every file of ``directory`` into a manifest dict, without writing it.
+
+    A file whose writer recorded its digest (:func:`remember_sha256`, e.g. the merge's
+    shards) is not read again.
 
     Args:
         directory: an existing directory whose files are all written.
@@ -74,7 +103,7 @@ def build_manifest(directory: str | os.PathLike, metadata: dict[str, Any] | None
     if not root.is_dir():
         raise FileNotFoundError(f"build_manifest: no directory {root}")
     files = {
-        rel: {"size": (root / rel).stat().st_size, "sha256": sha256_file(root / rel)}
+        rel: {"size": (root / rel).stat().st_size, "sha256": _manifest_sha256(root / rel)}
         for rel in list_files(root)
     }
     return {"files": files, "metadata": metadata or {}}
