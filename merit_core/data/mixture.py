@@ -5,11 +5,16 @@
 1. load each source (:func:`load_examples`; ``max_examples`` keeps a seeded sample);
 2. tokenize (:func:`merit_core.data.tokenize.tokenize_example`), counting truncated and
    dropped examples;
-3. split into disjoint train / held-out parts from ``data.seed``: examples with the same
+3. remove exact duplicates across sources (same prompt, response and options: kept in
+   the first source in config order, removed from later ones with a warning; a source
+   that is all duplicates is refused), then split each source into disjoint train /
+   held-out parts from ``data.seed``: examples with the same
    prompt stay together (BIG-bench generation tasks repeat an input with several
    references), prompt groups are shuffled with a seed derived from ``data.seed`` and
    the source name, and whole groups go to held-out until it holds
    ``max(heldout_min, ceil(heldout_fraction·n))`` examples (capped by ``heldout_max``);
+   then drop from every training split the examples whose prompt another source holds
+   out (with a warning), so no held-out example is trained on in any branch;
 4. draw the calibration set (seeded) from the train part: up to ``calibration_size``
    examples, all of a smaller train part with a warning;
 5. hash the result (:func:`content_hash`).
@@ -234,10 +239,57 @@ def split_source(
     return [examples[i] for i in train], [examples[i] for i in held]
 
 
-def _resolve_source(spec: SourceSpec, data_cfg: DataConfig, tokenizer, calibration_size: int) -> SourceData:
-    """One source of :func:`resolve_mixture`: load, tokenize, split train/held-out, draw the
-    calibration set, count."""
-    examples = load_examples(spec, data_cfg.seed)
+def _duplicate_key(ex: Example) -> tuple:
+    """What makes two examples the same example across sources: prompt, response and
+    multiple-choice options (not the system prompt, which a source may add)."""
+    return ex.prompt, ex.response, ex.options, ex.correct
+
+
+def _prompt_key(e: TokenizedExample) -> str:
+    """The user text of a tokenized example (its prompt ids where it has no Example)."""
+    return e.example.prompt if e.example is not None else repr(e.input_ids[: e.prompt_length])
+
+
+def drop_cross_source_duplicates(loaded: dict[str, list[Example]]) -> dict[str, list[Example]]:
+    """Remove from each source the examples that an earlier source (config order) has
+    already: same prompt, response and options (:func:`_duplicate_key`). Each removal is
+    logged as a warning naming both sources and the count.
+
+    Args:
+        loaded: source name -> its examples, in config order.
+
+    Returns:
+        The same mapping with the duplicates removed from the later sources.
+
+    Raises:
+        DataError: a source is left with no example (all of it duplicates earlier
+            sources: the same data under two names), naming both sources.
+    """
+    first: dict[tuple, str] = {}
+    out: dict[str, list[Example]] = {}
+    for name, examples in loaded.items():
+        kept, dup_of = [], {}
+        for ex in examples:
+            owner = first.get(_duplicate_key(ex))
+            if owner is not None and owner != name:
+                dup_of[owner] = dup_of.get(owner, 0) + 1
+                continue
+            first.setdefault(_duplicate_key(ex), name)
+            kept.append(ex)
+        if dup_of and not kept:
+            raise DataError(where(name) + f"all {len(examples)} examples are exact duplicates of source(s) "
+                            f"{sorted(dup_of)} (the same data under two names?); remove one of them")
+        for owner, n in dup_of.items():
+            log.warning("source %r: removed %d example(s) that duplicate source %r exactly (prompt, response "
+                        "and options); each example is kept once, in the first source", name, n, owner)
+        out[name] = kept
+    return out
+
+
+def _tokenize_and_split(spec: SourceSpec, examples: list[Example], data_cfg: DataConfig,
+                        tokenizer) -> tuple[list[TokenizedExample], list[TokenizedExample], int,
+                                            list[TokenizedExample]]:
+    """Tokenize a source's examples and split them: (train, heldout, dropped, all tokenized)."""
     tokenized: list[TokenizedExample] = []
     dropped = 0
     for ex in examples:
@@ -252,6 +304,13 @@ def _resolve_source(spec: SourceSpec, data_cfg: DataConfig, tokenizer, calibrati
             "leaves no room for a single response token after the chat template; raise data.max_length"
         )
     train, heldout = split_source(tokenized, data_cfg, spec.name)
+    return train, heldout, dropped, tokenized
+
+
+def _finish_source(spec: SourceSpec, examples: list[Example], tokenized: list[TokenizedExample],
+                   train: list[TokenizedExample], heldout: list[TokenizedExample], dropped: int,
+                   calibration_size: int, seed: int, extra: dict[str, int]) -> SourceData:
+    """Draw the calibration set from ``train``, count, hash."""
     if len(train) <= calibration_size:
         if len(train) < calibration_size:
             log.warning(
@@ -260,7 +319,7 @@ def _resolve_source(spec: SourceSpec, data_cfg: DataConfig, tokenizer, calibrati
             )
         calibration = list(train)
     else:
-        calibration = random.Random(f"{data_cfg.seed}:{spec.name}:calibration").sample(train, calibration_size)
+        calibration = random.Random(f"{seed}:{spec.name}:calibration").sample(train, calibration_size)
     lengths = [len(e.input_ids) for e in tokenized]
     stats = SourceStats(
         examples=len(examples),
@@ -270,7 +329,7 @@ def _resolve_source(spec: SourceSpec, data_cfg: DataConfig, tokenizer, calibrati
         loss_tokens=sum(e.n_loss_tokens for e in train),
         truncated=sum(e.truncated for e in tokenized),
         dropped=dropped,
-        extra={"mean_length": round(sum(lengths) / len(lengths), 1), "max_length_seen": max(lengths)},
+        extra={"mean_length": round(sum(lengths) / len(lengths), 1), "max_length_seen": max(lengths), **extra},
     )
     log.info("source %r: %d examples, %d train, %d held-out, %d truncated, %d dropped",
              spec.name, stats.examples, stats.train_examples, stats.heldout_examples, stats.truncated, dropped)
@@ -278,6 +337,39 @@ def _resolve_source(spec: SourceSpec, data_cfg: DataConfig, tokenizer, calibrati
         name=spec.name, kind=spec.kind, spec=spec, train=train, heldout=heldout, calibration=calibration,
         stats=stats, content_hash=content_hash(train, heldout, calibration),
     )
+
+
+def _without_heldout_prompts_of_others(
+    train: dict[str, list[TokenizedExample]], heldout: dict[str, list[TokenizedExample]]
+) -> dict[str, list[TokenizedExample]]:
+    """Each source's training split without the examples whose user text is held out by
+    another source (so no held-out example is ever trained on, whichever source holds
+    it); each removal is a warning naming both sources.
+
+    Raises:
+        DataError: a source is left without training examples (names it).
+    """
+    held_by: dict[str, str] = {}
+    for name, part in heldout.items():
+        for e in part:
+            held_by.setdefault(_prompt_key(e), name)
+    out = {}
+    for name, part in train.items():
+        kept, hits = [], {}
+        for e in part:
+            owner = held_by.get(_prompt_key(e))
+            if owner is not None and owner != name:
+                hits[owner] = hits.get(owner, 0) + 1
+            else:
+                kept.append(e)
+        for owner, n in hits.items():
+            log.warning("source %r: removed %d training example(s) whose prompt is held out by source %r "
+                        "(no held-out example may be trained on)", name, n, owner)
+        if not kept:
+            raise DataError(where(name) + f"no training example left: all {len(part)} share their prompt with "
+                            f"held-out examples of source(s) {sorted(hits)}; remove the overlap")
+        out[name] = kept
+    return out
 
 
 def resolve_mixture(data_cfg: DataConfig, tokenizer, calibration_size: int) -> Mixture:
@@ -296,11 +388,20 @@ def resolve_mixture(data_cfg: DataConfig, tokenizer, calibration_size: int) -> M
     if not data_cfg.sources:
         raise DataError("data.sources is empty: the mixture needs at least one source")
     prompt_ids(tokenizer, Example(prompt="probe", response="probe"), data_cfg.chat_template)  # fail fast
+    specs = [spec.model_copy(update={"system_prompt": data_cfg.system_prompt})
+             if data_cfg.system_prompt and not spec.system_prompt else spec for spec in data_cfg.sources]
+    loaded = {spec.name: load_examples(spec, data_cfg.seed) for spec in specs}
+    unique = drop_cross_source_duplicates(loaded)
+    parts = {spec.name: _tokenize_and_split(spec, unique[spec.name], data_cfg, tokenizer) for spec in specs}
+    train = _without_heldout_prompts_of_others({n: p[0] for n, p in parts.items()},
+                                               {n: p[1] for n, p in parts.items()})
     out: dict[str, SourceData] = {}
-    for spec in data_cfg.sources:
-        if data_cfg.system_prompt and not spec.system_prompt:
-            spec = spec.model_copy(update={"system_prompt": data_cfg.system_prompt})
-        out[spec.name] = _resolve_source(spec, data_cfg, tokenizer, calibration_size)
+    for spec in specs:
+        _, heldout, dropped, tokenized = parts[spec.name]
+        extra = {"cross_source_duplicates": len(loaded[spec.name]) - len(unique[spec.name]),
+                 "heldout_overlap_removed": len(parts[spec.name][0]) - len(train[spec.name])}
+        out[spec.name] = _finish_source(spec, unique[spec.name], tokenized, train[spec.name], heldout, dropped,
+                                        calibration_size, data_cfg.seed, extra)
     return Mixture(
         sources=out, max_length=data_cfg.max_length, seed=data_cfg.seed, calibration_size=calibration_size,
         tokenizer_name=str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__),

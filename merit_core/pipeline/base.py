@@ -35,8 +35,9 @@ def prepare_base(cfg: MeritConfig, store: ArtifactStore) -> ModelRef:
     return ModelRef(key=key, uri=store.uri_for(key), sha256=sha, label="base")
 
 
-def load_base_tokenizer(store: ArtifactStore, base: ModelRef):
-    """The tokenizer stored with θ(0) (``transformers.AutoTokenizer``)."""
+def load_base_tokenizer(store: ArtifactStore, base: ModelRef, trust_remote_code: bool = False):
+    """The tokenizer stored with θ(0) (``transformers.AutoTokenizer``; ``trust_remote_code``
+    runs tokenizer code shipped with the model, ``model.trust_remote_code``)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(store.fetch_dir(base.key))
+    return AutoTokenizer.from_pretrained(store.fetch_dir(base.key), trust_remote_code=trust_remote_code)

@@ -30,7 +30,7 @@ def resolve_mixture(cfg: MeritConfig, store: ArtifactStore, base: ModelRef) -> M
     Raises:
         merit_core.data.errors.DataError: a source cannot be read (the message names it).
     """
-    tokenizer = load_base_tokenizer(store, base)
+    tokenizer = load_base_tokenizer(store, base, cfg.model.trust_remote_code)
     mixture = load_mixture(cfg.data, tokenizer, cfg.conflict.calibration_size)
     infos = []
     for name in mixture.names:
