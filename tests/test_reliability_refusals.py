@@ -24,7 +24,7 @@ from merit_core.evaluate import evaluate_model
 from merit_core.store import CorruptArtifactError, LocalStore
 from merit_core.store.manifest import write_manifest
 from tests.conftest import build_tiny_llama
-from tests.helpers import tokenize_all, synthetic_examples
+from tests.helpers import synthetic_examples, tokenize_all
 from tests.test_flow import tiny_config
 
 

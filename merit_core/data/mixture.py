@@ -36,6 +36,7 @@ from typing import Any
 from merit_core.config import DataConfig, SourceSpec
 from merit_core.data.errors import DataError, where
 from merit_core.data.format import prompt_ids
+from merit_core.data.overlap import drop_cross_source_duplicates, without_heldout_prompts_of_others
 from merit_core.data.tokenize import tokenize_example
 from merit_core.data.types import Example, SourceStats, TokenizedExample
 
@@ -239,53 +240,6 @@ def split_source(
     return [examples[i] for i in train], [examples[i] for i in held]
 
 
-def _duplicate_key(ex: Example) -> tuple:
-    """What makes two examples the same example across sources: prompt, response and
-    multiple-choice options (not the system prompt, which a source may add)."""
-    return ex.prompt, ex.response, ex.options, ex.correct
-
-
-def _prompt_key(e: TokenizedExample) -> str:
-    """The user text of a tokenized example (its prompt ids where it has no Example)."""
-    return e.example.prompt if e.example is not None else repr(e.input_ids[: e.prompt_length])
-
-
-def drop_cross_source_duplicates(loaded: dict[str, list[Example]]) -> dict[str, list[Example]]:
-    """Remove from each source the examples that an earlier source (config order) has
-    already: same prompt, response and options (:func:`_duplicate_key`). Each removal is
-    logged as a warning naming both sources and the count.
-
-    Args:
-        loaded: source name -> its examples, in config order.
-
-    Returns:
-        The same mapping with the duplicates removed from the later sources.
-
-    Raises:
-        DataError: a source is left with no example (all of it duplicates earlier
-            sources: the same data under two names), naming both sources.
-    """
-    first: dict[tuple, str] = {}
-    out: dict[str, list[Example]] = {}
-    for name, examples in loaded.items():
-        kept, dup_of = [], {}
-        for ex in examples:
-            owner = first.get(_duplicate_key(ex))
-            if owner is not None and owner != name:
-                dup_of[owner] = dup_of.get(owner, 0) + 1
-                continue
-            first.setdefault(_duplicate_key(ex), name)
-            kept.append(ex)
-        if dup_of and not kept:
-            raise DataError(where(name) + f"all {len(examples)} examples are exact duplicates of source(s) "
-                            f"{sorted(dup_of)} (the same data under two names?); remove one of them")
-        for owner, n in dup_of.items():
-            log.warning("source %r: removed %d example(s) that duplicate source %r exactly (prompt, response "
-                        "and options); each example is kept once, in the first source", name, n, owner)
-        out[name] = kept
-    return out
-
-
 def _tokenize_and_split(spec: SourceSpec, examples: list[Example], data_cfg: DataConfig,
                         tokenizer) -> tuple[list[TokenizedExample], list[TokenizedExample], int,
                                             list[TokenizedExample]]:
@@ -339,39 +293,6 @@ def _finish_source(spec: SourceSpec, examples: list[Example], tokenized: list[To
     )
 
 
-def _without_heldout_prompts_of_others(
-    train: dict[str, list[TokenizedExample]], heldout: dict[str, list[TokenizedExample]]
-) -> dict[str, list[TokenizedExample]]:
-    """Each source's training split without the examples whose user text is held out by
-    another source (so no held-out example is ever trained on, whichever source holds
-    it); each removal is a warning naming both sources.
-
-    Raises:
-        DataError: a source is left without training examples (names it).
-    """
-    held_by: dict[str, str] = {}
-    for name, part in heldout.items():
-        for e in part:
-            held_by.setdefault(_prompt_key(e), name)
-    out = {}
-    for name, part in train.items():
-        kept, hits = [], {}
-        for e in part:
-            owner = held_by.get(_prompt_key(e))
-            if owner is not None and owner != name:
-                hits[owner] = hits.get(owner, 0) + 1
-            else:
-                kept.append(e)
-        for owner, n in hits.items():
-            log.warning("source %r: removed %d training example(s) whose prompt is held out by source %r "
-                        "(no held-out example may be trained on)", name, n, owner)
-        if not kept:
-            raise DataError(where(name) + f"no training example left: all {len(part)} share their prompt with "
-                            f"held-out examples of source(s) {sorted(hits)}; remove the overlap")
-        out[name] = kept
-    return out
-
-
 def resolve_mixture(data_cfg: DataConfig, tokenizer, calibration_size: int) -> Mixture:
     """Load, tokenize, split and count every source of ``data_cfg`` (module docstring).
 
@@ -393,8 +314,8 @@ def resolve_mixture(data_cfg: DataConfig, tokenizer, calibration_size: int) -> M
     loaded = {spec.name: load_examples(spec, data_cfg.seed) for spec in specs}
     unique = drop_cross_source_duplicates(loaded)
     parts = {spec.name: _tokenize_and_split(spec, unique[spec.name], data_cfg, tokenizer) for spec in specs}
-    train = _without_heldout_prompts_of_others({n: p[0] for n, p in parts.items()},
-                                               {n: p[1] for n, p in parts.items()})
+    train = without_heldout_prompts_of_others({n: p[0] for n, p in parts.items()},
+                                              {n: p[1] for n, p in parts.items()})
     out: dict[str, SourceData] = {}
     for spec in specs:
         _, heldout, dropped, tokenized = parts[spec.name]

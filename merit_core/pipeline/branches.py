@@ -84,15 +84,13 @@ def train_branch(cfg: MeritConfig, store: ArtifactStore, base: ModelRef, mixture
     out = store.staging_dir(key)
     nproc = resolve_nproc(cfg.train.nproc_per_node)
     check_train_setup(cfg.train, nproc)
+    load = {"dtype": cfg.model.dtype, "trust_remote_code": cfg.model.trust_remote_code, "on_progress": on_progress}
     if nproc > 1 or cfg.train.deepspeed:  # elastic launcher (DDP / DeepSpeed ZeRO, which needs its env even on 1 GPU)
         write_examples(work / "examples.jsonl", examples)
         stats = run_distributed_branch(base_dir, work / "examples.jsonl", out, cfg.train, nproc=nproc,
-                                       checkpoint_dir=ckpt_dir, dtype=cfg.model.dtype, on_checkpoint=upload,
-                                       on_progress=on_progress, trust_remote_code=cfg.model.trust_remote_code)
+                                       checkpoint_dir=ckpt_dir, on_checkpoint=upload, **load)
     else:
-        stats = run_trainer(base_dir, examples, out, cfg.train, checkpoint_dir=ckpt_dir,
-                            dtype=cfg.model.dtype, on_checkpoint=upload_then, on_progress=on_progress,
-                            trust_remote_code=cfg.model.trust_remote_code)
+        stats = run_trainer(base_dir, examples, out, cfg.train, checkpoint_dir=ckpt_dir, on_checkpoint=upload_then, **load)
     ref = BranchRef(index=index, label=label, key=key, uri=store.uri_for(key), sources=sorted(sources),
                     **stats.model_dump())
     store.commit_dir(key, out, metadata={"kind": "branch", "branch": ref.model_dump()})

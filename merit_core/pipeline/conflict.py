@@ -27,7 +27,7 @@ from merit_core.pipeline.layout import sketch_key
 from merit_core.pipeline.mixture import load_split
 from merit_core.precision import default_device, resolve_bf16
 from merit_core.refs import ConflictMatrix, GradientPlan, ModelRef, SketchRef, SourceInfo
-from merit_core.store import ArtifactStore, CorruptArtifactError
+from merit_core.store import ArtifactStore, CorruptArtifactError, ObjectNotFoundError
 from merit_core.store.objects import delete_checked_file, get_checked_file, has_checked_file, put_checked_file
 
 logger = logging.getLogger("merit")
@@ -150,9 +150,9 @@ def _stored_ref(store: ArtifactStore, key: str, name: str, cached: bool) -> Sket
 
 def _verified_sketch(store: ArtifactStore, key: str, name: str) -> np.ndarray | None:
     """The stored sketch at ``key`` if it is there and passes :func:`load_sketch`'s
-    checks, else None (to be recomputed). A damaged sketch, or one stored without a
-    checksum (before checksums were written), is removed with a warning naming the
-    source and the key."""
+    checks, else None (to be recomputed). A damaged or missing sketch, or one stored
+    without a checksum (before checksums were written), is removed with a warning naming
+    the source and the key."""
     if not has_checked_file(store, key):
         if store.exists(key):
             logger.warning("source %s: cached source gradient sketch %s has no checksum and cannot be verified; "
@@ -161,7 +161,7 @@ def _verified_sketch(store: ArtifactStore, key: str, name: str) -> np.ndarray | 
         return None
     try:
         return load_sketch(store, key)
-    except CorruptArtifactError as e:
+    except (CorruptArtifactError, ObjectNotFoundError) as e:  # damaged, or the object gone beside its checksum
         logger.warning("source %s: cached source gradient sketch failed verification, recomputing it: %s", name, e)
         delete_checked_file(store, key)
         return None

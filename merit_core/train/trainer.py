@@ -128,6 +128,7 @@ def train_branch(base_dir: str | os.PathLike, examples: Sequence[TokenizedExampl
             ``<output_dir>/../<name>-checkpoints``); a restart with ``resume=True``
             continues from the newest complete one.
         dtype: weights dtype for training (``float32`` on CPU).
+        trust_remote_code: run model code shipped with θ(0) (``model.trust_remote_code``).
         on_checkpoint: called with each checkpoint dir after the Trainer wrote it
             (the pipeline uploads it to the object store); on rank 0 only.
         callbacks: extra ``transformers.TrainerCallback`` objects (e.g. the throughput
@@ -135,10 +136,9 @@ def train_branch(base_dir: str | os.PathLike, examples: Sequence[TokenizedExampl
         on_progress: called on rank 0 with each Trainer log, a :class:`~merit_core.train.progress.TrainProgress`
             (also logged as one INFO line on ``merit_core.train.progress``).
 
-    Under torchrun (``WORLD_SIZE`` > 1, see :mod:`merit_core.train.launch`) every rank
-    calls this; each takes ``cfg.batch_size / WORLD_SIZE`` examples per micro-step, so
-    the global batch and the step count do not depend on the process count. Rank 0
-    writes ``output_dir``; other ranks return the same stats without writing it.
+    Under torchrun (``WORLD_SIZE`` > 1, see :mod:`merit_core.train.launch`) every rank calls this; each takes
+    ``cfg.batch_size / WORLD_SIZE`` examples per micro-step, so the global batch and the step count do not depend
+    on the process count. Rank 0 writes ``output_dir``; other ranks return the same stats without writing it.
 
     Returns:
         TrainStats with N_k (``trained_tokens``) for the token-weighted merge.
@@ -151,8 +151,7 @@ def train_branch(base_dir: str | os.PathLike, examples: Sequence[TokenizedExampl
 
     if not examples:
         raise TrainSetupError("train_branch: the branch has no training examples")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(cfg.threads or torch.get_num_threads())
     output_dir, ckpt_root = _output_dirs(output_dir, checkpoint_dir)
     tokenizer, model, packed, use_cache = _load(base_dir, cfg, dtype, trust_remote_code)
     world = world_size()
