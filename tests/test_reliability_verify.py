@@ -160,3 +160,37 @@ def test_damaged_sketch_in_s3_is_recomputed(tmp_path, tiny_model_dir, s3_endpoin
     assert [r.cached for r in again] == [False, True]
     assert any(refs[0].key in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
     assert stage.load_sketch(store, refs[0].key).tobytes() == good["alpha"].tobytes()
+
+
+# -- the converted-model cache ------------------------------------------------------------
+
+
+def test_damaged_gguf_conversion_is_redone(tmp_path, monkeypatch, caplog):
+    """A converted GGUF directory in the cache whose weights changed (same size) is not
+    reused: it is converted again, with a warning naming it. The conversion itself is
+    replaced by a stub that writes a small directory (building a real GGUF file here
+    would need the GGUF writer and a model)."""
+    from merit_core import models
+
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(range(256)) * 4)
+    calls = []
+
+    def fake_convert(src: Path, out: Path) -> int:
+        calls.append(src)
+        out.mkdir(parents=True)
+        (out / "config.json").write_text("{}")
+        (out / "model.safetensors").write_bytes(b"\x01" * 1024)
+        return 256
+
+    monkeypatch.setattr(models, "_convert_into", fake_convert)
+    cache = tmp_path / "models"
+    first = models.convert_gguf(gguf, cache)
+    assert models.convert_gguf(gguf, cache) == first and len(calls) == 1  # reused while intact
+    weights = first / "model.safetensors"
+    weights.write_bytes(b"\x02" + weights.read_bytes()[1:])  # same size, other bytes
+    with caplog.at_level(logging.WARNING, logger="merit_core.models"):
+        again = models.convert_gguf(gguf, cache)
+    assert again == first and len(calls) == 2
+    assert weights.read_bytes() == b"\x01" * 1024
+    assert any(str(first) in r.getMessage() and "failed verification" in r.getMessage() for r in caplog.records)
