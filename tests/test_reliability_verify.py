@@ -194,3 +194,58 @@ def test_damaged_gguf_conversion_is_redone(tmp_path, monkeypatch, caplog):
     assert again == first and len(calls) == 2
     assert weights.read_bytes() == b"\x01" * 1024
     assert any(str(first) in r.getMessage() and "failed verification" in r.getMessage() for r in caplog.records)
+
+
+# -- directory artifacts an earlier run stored, reused by a later one -------------------------
+
+
+def _flip_byte(path: Path) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[-2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+def test_damaged_stored_base_and_tokenized_source_are_written_again(tmp_path, tiny_model_dir, caplog):
+    from merit_core.pipeline.mixture import load_split
+
+    cfg = _config(tmp_path, tiny_model_dir, str(tmp_path / "store"))
+    store = open_store(cfg.store)
+    base = prepare_base(cfg, store)
+    mixture = resolve_mixture(cfg, store, base)
+    source = mixture.sources[0]
+    good_train = (store.root / source.key / "train.jsonl").read_bytes()
+    _flip_byte(store.root / source.key / "train.jsonl")
+    _flip_byte(store.root / base.key / "model.safetensors")
+    with pytest.raises(CorruptArtifactError, match="train.jsonl"):  # a reader never uses it
+        load_split(store, source, "train")
+
+    with caplog.at_level(logging.WARNING, logger="merit_core.store"):
+        assert prepare_base(cfg, store) == base
+        assert resolve_mixture(cfg, store, base) == mixture
+    warned = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert base.key in warned and source.key in warned and "failed verification" in warned
+    store.fetch_dir(base.key)  # verified again
+    assert (store.root / source.key / "train.jsonl").read_bytes() == good_train
+    assert len(load_split(store, source, "train")) == source.train
+
+
+def test_damaged_stored_branch_is_trained_again(tmp_path, tiny_model_dir, caplog):
+    from merit_core.pipeline.branches import train_branch
+
+    cfg = _config(tmp_path, tiny_model_dir, str(tmp_path / "store"))
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": 2, "batch_size": 4,
+                                                                      "save_steps": 10})})
+    store = open_store(cfg.store)
+    base = prepare_base(cfg, store)
+    mixture = resolve_mixture(cfg, store, base)
+    first = train_branch(cfg, store, base, mixture, ["alpha"], "run", "merit", 0)
+    assert train_branch(cfg, store, base, mixture, ["alpha"], "run", "merit", 0) == first  # intact: reused
+    weights = store.root / first.key / "model.safetensors"
+    trained = weights.read_bytes()
+    _flip_byte(weights)
+    with caplog.at_level(logging.WARNING, logger="merit_core.store"):
+        again = train_branch(cfg, store, base, mixture, ["alpha"], "run", "merit", 0)
+    assert again.started_at > first.started_at  # trained again, not reused
+    assert any(first.key in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert weights.read_bytes() == trained  # same data, same seed: the same θ_k
+    store.fetch_dir(first.key)

@@ -16,6 +16,7 @@ from merit_core.pipeline.layout import branch_checkpoints_prefix, branch_key, ch
 from merit_core.pipeline.mixture import load_split
 from merit_core.refs import BranchRef, BranchTiming, MixtureRef, ModelRef, write_examples
 from merit_core.store import ArtifactStore, StoreError, default_cache_dir
+from merit_core.store.objects import intact_dir
 from merit_core.train import ProgressHook, check_train_setup, resolve_nproc, run_distributed_branch
 from merit_core.train import train_branch as run_trainer
 
@@ -60,7 +61,7 @@ def train_branch(cfg: MeritConfig, store: ArtifactStore, base: ModelRef, mixture
         merit_core.train.TrainError: training failed.
     """
     key = branch_key(run_id, label, index)
-    if store.is_complete(key):
+    if intact_dir(store, key):  # a damaged θ_k is trained again
         logger.info("branch %s/%d already complete in the store; reusing it", label, index)
         return read_branch(store, key)
     examples: list[TokenizedExample] = []

@@ -30,6 +30,7 @@ from merit_core.refs import (
     write_examples,
 )
 from merit_core.store import ArtifactStore
+from merit_core.store.objects import intact_dir
 
 logger = logging.getLogger("merit")
 
@@ -92,7 +93,7 @@ def resolve_benchmarks(cfg: MeritConfig, store: ArtifactStore, base: ModelRef) -
                                           chat_template=cfg.data.chat_template)
         digest = content_hash([], examples, [])
         key = benchmark_key(digest)
-        if not store.is_complete(key):
+        if not intact_dir(store, key):  # missing, or damaged: written again
             staging = store.staging_dir(key)
             write_examples(staging / "examples.jsonl", examples)
             store.commit_dir(key, staging, metadata={"kind": "tokenized-benchmark", "benchmark": spec.name})

@@ -4,17 +4,21 @@ A directory artifact is verified against its ``manifest.json``; a single stored 
 (a source-gradient sketch) gets the same protection from a small JSON sidecar
 ``<key>.sha256`` holding its size and sha256, written *after* the object. An object
 counts as stored only when its sidecar exists, and :func:`get_checked_file` verifies the
-bytes it reads against the sidecar before anyone uses them. See docs/reliability.md.
+bytes it reads against the sidecar before anyone uses them. :func:`intact_dir` is the
+reuse check for directory artifacts. See docs/reliability.md.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 from merit_core.store.base import ArtifactStore
 from merit_core.store.errors import CorruptArtifactError, ObjectNotFoundError
 from merit_core.store.manifest import sha256_file
+
+log = logging.getLogger(__name__)
 
 CHECKSUM_SUFFIX = ".sha256"
 """Key suffix of an object's checksum sidecar (``<key>.sha256``, JSON ``{"size", "sha256"}``)."""
@@ -89,3 +93,21 @@ def delete_checked_file(store: ArtifactStore, key: str) -> None:
     an object that counts as stored)."""
     store.delete_prefix(checksum_key(key))
     store.delete_prefix(key)
+
+
+def intact_dir(store: ArtifactStore, key: str) -> bool:
+    """True when the directory artifact ``key`` is committed and its files match its
+    manifest (the verification of :meth:`ArtifactStore.fetch_dir`, which this calls; on
+    S3 that downloads the files into the local blob cache, where later reads find them).
+
+    For a stage that reuses what an earlier run stored: False means "write it again".
+    A committed but damaged artifact gets a warning naming its key.
+    """
+    if not store.is_complete(key):
+        return False
+    try:
+        store.fetch_dir(key)
+    except CorruptArtifactError as e:
+        log.warning("stored artifact %s failed verification; writing it again: %s", store.uri_for(key), e)
+        return False
+    return True
