@@ -17,7 +17,6 @@ generation config) whose ``manifest.json`` is written last; later calls reuse it
 from __future__ import annotations
 
 import copy
-import functools
 import hashlib
 import importlib.util
 import logging
@@ -29,7 +28,15 @@ from typing import Any
 
 from merit_core._hub import hub_endpoint, hub_offline, hub_reachable
 from merit_core.config import ModelConfig
-from merit_core.store.manifest import ManifestError, is_complete, read_manifest, sha256_file, sha256_file_cached, verify_manifest, write_manifest
+from merit_core.store.manifest import (
+    ManifestError,
+    is_complete,
+    read_manifest,
+    sha256_file,
+    sha256_file_cached,
+    verify_manifest,
+    write_manifest,
+)
 
 log = logging.getLogger(__name__)
 
