@@ -174,12 +174,14 @@ def average(table: Mapping, fn=score) -> float | None:
 
 
 def evaluate_benchmarks_dir(model_dir, suite: Mapping[str, Sequence[TokenizedExample]], *, device=None,
-                            **kwargs) -> EvalTable:
-    """Load a Hugging Face model directory and run :func:`evaluate_benchmarks` on it."""
+                            trust_remote_code: bool = False, **kwargs) -> EvalTable:
+    """Load a Hugging Face model directory and run :func:`evaluate_benchmarks` on it
+    (``trust_remote_code``: run model code shipped with the directory, ``model.trust_remote_code``)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=False, dtype="auto").to(device)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=trust_remote_code,
+                                                 dtype="auto").to(device)
     return evaluate_benchmarks(model, tokenizer, suite, **kwargs)

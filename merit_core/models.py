@@ -17,7 +17,6 @@ generation config) whose ``manifest.json`` is written last; later calls reuse it
 from __future__ import annotations
 
 import copy
-import functools
 import hashlib
 import importlib.util
 import logging
@@ -29,7 +28,15 @@ from typing import Any
 
 from merit_core._hub import hub_endpoint, hub_offline, hub_reachable
 from merit_core.config import ModelConfig
-from merit_core.store.manifest import is_complete, read_manifest, sha256_file, sha256_file_cached, verify_manifest, write_manifest
+from merit_core.store.manifest import (
+    ManifestError,
+    is_complete,
+    read_manifest,
+    sha256_file,
+    sha256_file_cached,
+    verify_manifest,
+    write_manifest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +52,41 @@ _DTYPES = ("float32", "bfloat16", "float16")
 
 class ModelSourceError(ValueError):
     """``model.source`` cannot be resolved to a model (names the source and why)."""
+
+
+class ModelDirError(ModelSourceError):
+    """A model directory given to a command (``merit eval DIR``) is not a usable model:
+    not a directory, no ``config.json``, weights that disagree with its manifest, or a
+    tokenizer larger than the embedding (names the directory and why)."""
+
+
+def check_model_dir(model_dir: str | os.PathLike) -> Path:
+    """``model_dir`` if it is a Hugging Face model directory whose files match its
+    ``manifest.json`` (sizes and sha256: :func:`merit_core.store.manifest.verify_manifest`,
+    the check every store read makes); a directory without a manifest (not written by
+    merit) is accepted unverified, with a log line.
+
+    Raises:
+        ModelDirError: it does not exist, is a file, has no ``config.json``, or its
+            manifest is unreadable or disagrees with its files (names the file).
+    """
+    d = Path(model_dir).expanduser()
+    if not d.exists():
+        raise ModelDirError(f"model directory {d} does not exist")
+    if not d.is_dir():
+        raise ModelDirError(f"{d} is a file, not a model directory (expected a Hugging Face directory with "
+                            "config.json, weights and tokenizer)")
+    if not (d / "config.json").is_file():
+        held = sorted(p.name for p in d.iterdir())[:8]
+        raise ModelDirError(f"{d} is not a model directory: it has no config.json (it holds {held})")
+    if is_complete(d):
+        try:
+            verify_manifest(d)
+        except ManifestError as e:
+            raise ModelDirError(f"model directory {d} failed verification against its manifest: {e}") from None
+    else:
+        log.info("model directory %s has no manifest.json (not written by merit): its files are not verified", d)
+    return d
 
 
 def find_packaged_gguf() -> Path:
@@ -95,7 +137,9 @@ def convert_gguf(gguf_path: str | os.PathLike, cache_dir: str | os.PathLike) -> 
     ``generation_config.json``, ``model.safetensors``, the tokenizer (chat template
     included) and ``manifest.json``, written last. It is built in a temporary sibling
     and renamed into place, so an interrupted conversion never looks complete; a
-    complete directory is reused without loading the GGUF again.
+    complete directory is reused without loading the GGUF again once every file matches
+    its manifest (size and sha256); a damaged one is converted again with a warning
+    naming it.
 
     Raises:
         FileNotFoundError: no such file.
@@ -106,8 +150,12 @@ def convert_gguf(gguf_path: str | os.PathLike, cache_dir: str | os.PathLike) -> 
     sha = gguf_sha256(gguf)
     final = cache / sha
     if is_complete(final):
-        verify_manifest(final, check_hashes=False)
-        return final
+        try:
+            verify_manifest(final)  # sizes and sha256 (hashed once per process per file version)
+            return final
+        except ManifestError as e:
+            log.warning("converted model cache %s failed verification, converting again: %s", final, e)
+            shutil.rmtree(final)
     if final.exists():
         log.warning("removing incomplete conversion %s (no manifest)", final)
         shutil.rmtree(final)

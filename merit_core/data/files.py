@@ -27,12 +27,24 @@ from merit_core.data.types import Example
 
 
 def _as_text(value: Any, field: str, at: str) -> str:
+    """``value`` as text: a string as is, a number as its text.
+
+    Raises:
+        DataError: null, another type, or a string that is not valid Unicode text (a lone
+            UTF-16 surrogate such as ``"\\ud800"``, which JSON allows but no tokenizer
+            takes); names ``at`` (source, file and line) and the field.
+    """
     if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise DataError(at + f"field {field!r} is not valid Unicode text: a lone surrogate "
+                            f"{value[e.start]!r} at character {e.start}") from None
         return value
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if value is None:
-        return ""
+        raise DataError(at + f"field {field!r} is null; it must be text")
     raise DataError(at + f"field {field!r} must be text, got {type(value).__name__}")
 
 

@@ -5,11 +5,16 @@
 1. load each source (:func:`load_examples`; ``max_examples`` keeps a seeded sample);
 2. tokenize (:func:`merit_core.data.tokenize.tokenize_example`), counting truncated and
    dropped examples;
-3. split into disjoint train / held-out parts from ``data.seed``: examples with the same
+3. remove exact duplicates across sources (same prompt, response and options: kept in
+   the first source in config order, removed from later ones with a warning; a source
+   that is all duplicates is refused), then split each source into disjoint train /
+   held-out parts from ``data.seed``: examples with the same
    prompt stay together (BIG-bench generation tasks repeat an input with several
    references), prompt groups are shuffled with a seed derived from ``data.seed`` and
    the source name, and whole groups go to held-out until it holds
    ``max(heldout_min, ceil(heldout_fraction·n))`` examples (capped by ``heldout_max``);
+   then drop from every training split the examples whose prompt another source holds
+   out (with a warning), so no held-out example is trained on in any branch;
 4. draw the calibration set (seeded) from the train part: up to ``calibration_size``
    examples, all of a smaller train part with a warning;
 5. hash the result (:func:`content_hash`).
@@ -31,6 +36,7 @@ from typing import Any
 from merit_core.config import DataConfig, SourceSpec
 from merit_core.data.errors import DataError, where
 from merit_core.data.format import prompt_ids
+from merit_core.data.overlap import drop_cross_source_duplicates, without_heldout_prompts_of_others
 from merit_core.data.tokenize import tokenize_example
 from merit_core.data.types import Example, SourceStats, TokenizedExample
 
@@ -234,10 +240,10 @@ def split_source(
     return [examples[i] for i in train], [examples[i] for i in held]
 
 
-def _resolve_source(spec: SourceSpec, data_cfg: DataConfig, tokenizer, calibration_size: int) -> SourceData:
-    """One source of :func:`resolve_mixture`: load, tokenize, split train/held-out, draw the
-    calibration set, count."""
-    examples = load_examples(spec, data_cfg.seed)
+def _tokenize_and_split(spec: SourceSpec, examples: list[Example], data_cfg: DataConfig,
+                        tokenizer) -> tuple[list[TokenizedExample], list[TokenizedExample], int,
+                                            list[TokenizedExample]]:
+    """Tokenize a source's examples and split them: (train, heldout, dropped, all tokenized)."""
     tokenized: list[TokenizedExample] = []
     dropped = 0
     for ex in examples:
@@ -252,6 +258,13 @@ def _resolve_source(spec: SourceSpec, data_cfg: DataConfig, tokenizer, calibrati
             "leaves no room for a single response token after the chat template; raise data.max_length"
         )
     train, heldout = split_source(tokenized, data_cfg, spec.name)
+    return train, heldout, dropped, tokenized
+
+
+def _finish_source(spec: SourceSpec, examples: list[Example], tokenized: list[TokenizedExample],
+                   train: list[TokenizedExample], heldout: list[TokenizedExample], dropped: int,
+                   calibration_size: int, seed: int, extra: dict[str, int]) -> SourceData:
+    """Draw the calibration set from ``train``, count, hash."""
     if len(train) <= calibration_size:
         if len(train) < calibration_size:
             log.warning(
@@ -260,7 +273,7 @@ def _resolve_source(spec: SourceSpec, data_cfg: DataConfig, tokenizer, calibrati
             )
         calibration = list(train)
     else:
-        calibration = random.Random(f"{data_cfg.seed}:{spec.name}:calibration").sample(train, calibration_size)
+        calibration = random.Random(f"{seed}:{spec.name}:calibration").sample(train, calibration_size)
     lengths = [len(e.input_ids) for e in tokenized]
     stats = SourceStats(
         examples=len(examples),
@@ -270,7 +283,7 @@ def _resolve_source(spec: SourceSpec, data_cfg: DataConfig, tokenizer, calibrati
         loss_tokens=sum(e.n_loss_tokens for e in train),
         truncated=sum(e.truncated for e in tokenized),
         dropped=dropped,
-        extra={"mean_length": round(sum(lengths) / len(lengths), 1), "max_length_seen": max(lengths)},
+        extra={"mean_length": round(sum(lengths) / len(lengths), 1), "max_length_seen": max(lengths), **extra},
     )
     log.info("source %r: %d examples, %d train, %d held-out, %d truncated, %d dropped",
              spec.name, stats.examples, stats.train_examples, stats.heldout_examples, stats.truncated, dropped)
@@ -296,11 +309,20 @@ def resolve_mixture(data_cfg: DataConfig, tokenizer, calibration_size: int) -> M
     if not data_cfg.sources:
         raise DataError("data.sources is empty: the mixture needs at least one source")
     prompt_ids(tokenizer, Example(prompt="probe", response="probe"), data_cfg.chat_template)  # fail fast
+    specs = [spec.model_copy(update={"system_prompt": data_cfg.system_prompt})
+             if data_cfg.system_prompt and not spec.system_prompt else spec for spec in data_cfg.sources]
+    loaded = {spec.name: load_examples(spec, data_cfg.seed) for spec in specs}
+    unique = drop_cross_source_duplicates(loaded)
+    parts = {spec.name: _tokenize_and_split(spec, unique[spec.name], data_cfg, tokenizer) for spec in specs}
+    train = without_heldout_prompts_of_others({n: p[0] for n, p in parts.items()},
+                                              {n: p[1] for n, p in parts.items()})
     out: dict[str, SourceData] = {}
-    for spec in data_cfg.sources:
-        if data_cfg.system_prompt and not spec.system_prompt:
-            spec = spec.model_copy(update={"system_prompt": data_cfg.system_prompt})
-        out[spec.name] = _resolve_source(spec, data_cfg, tokenizer, calibration_size)
+    for spec in specs:
+        _, heldout, dropped, tokenized = parts[spec.name]
+        extra = {"cross_source_duplicates": len(loaded[spec.name]) - len(unique[spec.name]),
+                 "heldout_overlap_removed": len(parts[spec.name][0]) - len(train[spec.name])}
+        out[spec.name] = _finish_source(spec, unique[spec.name], tokenized, train[spec.name], heldout, dropped,
+                                        calibration_size, data_cfg.seed, extra)
     return Mixture(
         sources=out, max_length=data_cfg.max_length, seed=data_cfg.seed, calibration_size=calibration_size,
         tokenizer_name=str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__),

@@ -16,6 +16,7 @@ from merit_core.refs import (
     write_examples,
 )
 from merit_core.store import ArtifactStore
+from merit_core.store.objects import intact_dir
 
 SPLITS = ("train", "heldout", "calibration")
 
@@ -30,13 +31,13 @@ def resolve_mixture(cfg: MeritConfig, store: ArtifactStore, base: ModelRef) -> M
     Raises:
         merit_core.data.errors.DataError: a source cannot be read (the message names it).
     """
-    tokenizer = load_base_tokenizer(store, base)
+    tokenizer = load_base_tokenizer(store, base, cfg.model.trust_remote_code)
     mixture = load_mixture(cfg.data, tokenizer, cfg.conflict.calibration_size)
     infos = []
     for name in mixture.names:
         sd = mixture.sources[name]
         key = source_data_key(sd.content_hash)
-        if not store.is_complete(key):
+        if not intact_dir(store, key):  # missing, or damaged: written again
             staging = store.staging_dir(key)
             for split, examples in zip(SPLITS, (sd.train, sd.heldout, sd.calibration)):
                 write_examples(staging / f"{split}.jsonl", examples)

@@ -15,11 +15,15 @@ import os
 from pathlib import Path
 from typing import Any
 
+from merit_core.store.errors import CorruptArtifactError
+
 MANIFEST_NAME = "manifest.json"
 
 
-class ManifestError(RuntimeError):
-    """A directory has no manifest, or its files disagree with it (names the file)."""
+class ManifestError(CorruptArtifactError):
+    """A directory has no manifest, its manifest is unreadable, or its files disagree
+    with it (names the directory and the file). A :class:`CorruptArtifactError`, so the
+    command line reports it as one line naming the culprit."""
 
 
 def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
@@ -146,13 +150,29 @@ def is_complete(directory: str | os.PathLike) -> bool:
 def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
     """Load ``manifest.json`` of a directory.
 
+    Returns:
+        The manifest dict, checked to have the shape :func:`build_manifest` gives
+        (``files`` maps relative paths to ``size`` (int) and ``sha256`` (str)).
+
     Raises:
-        ManifestError: if the directory has no manifest (it is incomplete).
+        ManifestError: if the directory has no manifest (it is incomplete), or the
+            manifest is not valid JSON of that shape (names the file and what is wrong).
     """
     path = Path(directory) / MANIFEST_NAME
     if not path.is_file():
         raise ManifestError(f"{directory} is incomplete: it has no {MANIFEST_NAME}")
-    return json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise ManifestError(f"{path}: unreadable manifest, not valid JSON: {e}") from None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict):
+        raise ManifestError(f"{path}: unreadable manifest, expected an object with a 'files' object")
+    for rel, info in files.items():
+        if not (isinstance(info, dict) and isinstance(info.get("size"), int) and isinstance(info.get("sha256"), str)):
+            raise ManifestError(f"{path}: unreadable manifest, entry {rel!r} needs an integer 'size' and a "
+                                "string 'sha256'")
+    return manifest
 
 
 def verify_manifest(directory: str | os.PathLike, check_hashes: bool = True) -> dict[str, Any]:

@@ -114,7 +114,8 @@ def world_size() -> int:
 def train_branch(base_dir: str | os.PathLike, examples: Sequence[TokenizedExample], output_dir: str | os.PathLike,
                  cfg: TrainConfig, *, checkpoint_dir: str | os.PathLike | None = None, resume: bool = True,
                  dtype: str = "float32", on_checkpoint: Callable[[Path], None] | None = None,
-                 callbacks: Sequence[object] = (), on_progress: ProgressHook | None = None) -> TrainStats:
+                 callbacks: Sequence[object] = (), on_progress: ProgressHook | None = None,
+                 trust_remote_code: bool = False) -> TrainStats:
     """Fine-tune a copy of θ(0) on ``examples`` and save θ_k to ``output_dir``.
 
     Args:
@@ -127,6 +128,7 @@ def train_branch(base_dir: str | os.PathLike, examples: Sequence[TokenizedExampl
             ``<output_dir>/../<name>-checkpoints``); a restart with ``resume=True``
             continues from the newest complete one.
         dtype: weights dtype for training (``float32`` on CPU).
+        trust_remote_code: run model code shipped with θ(0) (``model.trust_remote_code``).
         on_checkpoint: called with each checkpoint dir after the Trainer wrote it
             (the pipeline uploads it to the object store); on rank 0 only.
         callbacks: extra ``transformers.TrainerCallback`` objects (e.g. the throughput
@@ -134,10 +136,9 @@ def train_branch(base_dir: str | os.PathLike, examples: Sequence[TokenizedExampl
         on_progress: called on rank 0 with each Trainer log, a :class:`~merit_core.train.progress.TrainProgress`
             (also logged as one INFO line on ``merit_core.train.progress``).
 
-    Under torchrun (``WORLD_SIZE`` > 1, see :mod:`merit_core.train.launch`) every rank
-    calls this; each takes ``cfg.batch_size / WORLD_SIZE`` examples per micro-step, so
-    the global batch and the step count do not depend on the process count. Rank 0
-    writes ``output_dir``; other ranks return the same stats without writing it.
+    Under torchrun (``WORLD_SIZE`` > 1, see :mod:`merit_core.train.launch`) every rank calls this; each takes
+    ``cfg.batch_size / WORLD_SIZE`` examples per micro-step, so the global batch and the step count do not depend
+    on the process count. Rank 0 writes ``output_dir``; other ranks return the same stats without writing it.
 
     Returns:
         TrainStats with N_k (``trained_tokens``) for the token-weighted merge.
@@ -150,10 +151,9 @@ def train_branch(base_dir: str | os.PathLike, examples: Sequence[TokenizedExampl
 
     if not examples:
         raise TrainSetupError("train_branch: the branch has no training examples")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(cfg.threads or torch.get_num_threads())
     output_dir, ckpt_root = _output_dirs(output_dir, checkpoint_dir)
-    tokenizer, model, packed, use_cache = _load(base_dir, cfg, dtype)
+    tokenizer, model, packed, use_cache = _load(base_dir, cfg, dtype, trust_remote_code)
     world = world_size()
     check_train_setup(cfg, world)
     collator = _collator(tokenizer, cfg, packed)
@@ -191,16 +191,17 @@ def _resume_point(ckpt_root: Path) -> tuple[Path | None, int]:
     return resume_from, step
 
 
-def _load(base_dir: str | os.PathLike, cfg: TrainConfig, dtype: str) -> tuple:
+def _load(base_dir: str | os.PathLike, cfg: TrainConfig, dtype: str, trust_remote_code: bool = False) -> tuple:
     """θ(0) with its KV cache switched off, its tokenizer (pad token = EOS when it has
     none), whether the branch trains packed (``cfg.packing`` and the model keeps packed
-    examples apart), and the model's own ``use_cache`` (restored before saving)."""
+    examples apart), and the model's own ``use_cache`` (restored before saving).
+    ``trust_remote_code`` runs model code shipped with θ(0) (``model.trust_remote_code``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=_DTYPES[dtype], trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code)
     use_cache = model.config.use_cache
     # Training needs no KV cache; without one transformers also reads packed examples'
     # boundaries from position_ids.
