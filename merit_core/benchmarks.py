@@ -177,9 +177,11 @@ def evaluate_benchmarks_dir(model_dir, suite: Mapping[str, Sequence[TokenizedExa
                             **kwargs) -> EvalTable:
     """Load a Hugging Face model directory and run :func:`evaluate_benchmarks` on it."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from merit_core.vlm import auto_model_class
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=False, dtype="auto").to(device)
+    model = auto_model_class(model_dir).from_pretrained(model_dir, trust_remote_code=False, dtype="auto").to(device)
     return evaluate_benchmarks(model, tokenizer, suite, **kwargs)

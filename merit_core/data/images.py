@@ -252,24 +252,25 @@ def _cat_padded(parts: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
-def image_batch(examples: Sequence[TokenizedExample], length: int, offsets: Sequence[int] | None = None
+def image_batch(paths: Sequence[str | None], length: int, offsets: Sequence[int] | None = None
                 ) -> dict[str, torch.Tensor]:
-    """The image inputs of a batch of ``length`` positions (empty for text examples).
+    """The image inputs of a batch of ``length`` positions, one ``image_inputs`` path (or
+    None for a text example) per row; empty when no row has images.
 
-    Image tensors are concatenated over the examples in order (dim 0). Per-token fields
+    Image tensors are concatenated over the rows in order (dim 0). Per-token fields
     (:data:`SEQUENCE_FIELDS`) become (B, length) int64 rows, zero outside each example's
     prompt, which starts at ``offsets[i]`` (0: right padding; left padding passes
     ``length - len(example)``).
     """
-    loaded = [load_image_inputs(e.image_inputs) if e.image_inputs else {} for e in examples]
+    loaded = [load_image_inputs(p) if p else {} for p in paths]
     if not any(loaded):
         return {}
-    offsets = list(offsets) if offsets is not None else [0] * len(examples)
+    offsets = list(offsets) if offsets is not None else [0] * len(loaded)
     out: dict[str, torch.Tensor] = {}
     keys = sorted({k for d in loaded for k in d})
     for k in keys:
         if k in SEQUENCE_FIELDS:
-            rows = torch.zeros((len(examples), length), dtype=torch.long)
+            rows = torch.zeros((len(loaded), length), dtype=torch.long)
             for i, d in enumerate(loaded):
                 if k in d:
                     v = d[k].reshape(-1)

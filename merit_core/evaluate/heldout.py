@@ -158,11 +158,13 @@ def evaluate_dir(
         device: where to run (default: cuda if available, else cpu).
         dtype: load dtype (default: the checkpoint's own).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from merit_core.vlm import auto_model_class
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=False, dtype=dtype or "auto")
+    model = auto_model_class(model_dir).from_pretrained(model_dir, trust_remote_code=False, dtype=dtype or "auto")
     model.to(device)
     kwargs.setdefault("name", str(model_dir))
     return evaluate_model(model, tokenizer, heldout, **kwargs)

@@ -243,6 +243,9 @@ def _merge_one(
             if not torch.equal(t, tensors[0]):
                 raise MergeError(f"non-float tensor {name!r} differs between {ckpts[0].path} and input {c.path}")
         return tensors[0]
+    same = _unchanged(name, ckpts, base)
+    if same is not None:
+        return same
     acc = torch.float64 if info.dtype == torch.float64 else torch.float32
     tensors = [_load(c, name, acc) for c in ckpts]
     b = _load(base, name, acc) if base is not None else None
@@ -250,6 +253,19 @@ def _merge_one(
     if not _all_finite(merged):
         raise MergeError(f"merged tensor {name!r} is not finite in {info.dtype} (overflow; lower scale?)")
     return merged
+
+
+def _unchanged(name: str, ckpts: list[Checkpoint], base: Checkpoint | None) -> torch.Tensor | None:
+    """The tensor itself when every input (and θ(0), when given) holds it bit for bit,
+    else None. A tensor no branch changed (a frozen vision tower, model.trainable=lm)
+    thus leaves the merge as θ(0) exactly, as every operator would give it in exact
+    arithmetic (a weighted mean of K equal values; zero task vectors)."""
+    first = _load(ckpts[0], name)
+    others = [*ckpts[1:], *([base] if base is not None else [])]
+    for c in others:
+        if not torch.equal(_load(c, name), first):
+            return None
+    return first
 
 
 def _manifest_sha(path: Path) -> str | None:
