@@ -70,12 +70,13 @@ def _read_digits(rng: random.Random) -> tuple[object, str, str]:
 def _spatial(rng: random.Random) -> tuple[object, str, str]:
     im, d = _canvas()
     where_ = rng.choice(["left", "right", "above", "below"])
-    a, b = (16, 32), (48, 32)
+    near, far, across = rng.randint(10, 22), rng.randint(42, 54), rng.randint(12, 52)
+    a, b = (near, across), (far, across)
     if where_ in ("above", "below"):
-        a, b = (32, 16), (32, 48)
+        a, b = (across, near), (across, far)
     circle, square = (a, b) if where_ in ("left", "above") else (b, a)
-    d.ellipse(_box(*circle, 9), fill=COLOURS["blue"])
-    d.rectangle(_box(*square, 9), fill=COLOURS["red"])
+    d.ellipse(_box(*circle, rng.randint(5, 9)), fill=rng.choice(list(COLOURS.values())))
+    d.rectangle(_box(*square, rng.randint(5, 9)), fill=rng.choice(list(COLOURS.values())))
     return im, "Where is the circle relative to the square? Answer left, right, above or below.", where_
 
 
