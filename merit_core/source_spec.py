@@ -27,7 +27,8 @@ class SourceSpec(StrictModel):
         ``config_name``, ``split``, and the same field names.
       - ``synthetic_images``: ``task`` is one of the generated image tasks of
         :mod:`merit_core.data.synthetic_images` (``count_shapes``, ``name_colour``,
-        ``read_digits``, ``spatial``), made reproducibly at run time (offline demo).
+        ``read_digits``, ``spatial``, ``name_shape``), made reproducibly at run time (offline
+        demo; synthetic data).
 
     With ``image_field`` set, the records are image instructions (docs/multimodal.md):
     the field holds one image or a list (jsonl: paths relative to the file; parquet:

@@ -243,17 +243,22 @@ def split_source(
     return [examples[i] for i in train], [examples[i] for i in held]
 
 
-def _tokenize(ex: Example, spec: SourceSpec, data_cfg: DataConfig, tokenizer, processor) -> TokenizedExample | None:
-    """Text examples through :func:`tokenize_example`, image examples through the processor
-    (:func:`merit_core.data.images.tokenize_image_example`)."""
+def tokenize_any(ex: Example, source: str, max_length: int, chat_template: str | None, tokenizer,
+                 processor=None) -> TokenizedExample | None:
+    """Text examples through :func:`tokenize_example`, image examples through θ(0)'s
+    processor (:func:`merit_core.data.images.tokenize_image_example`).
+
+    Raises:
+        DataError: an image example and no processor (a text model).
+    """
     if not ex.images:
-        return tokenize_example(tokenizer, ex, data_cfg.max_length, data_cfg.chat_template, spec.name)
+        return tokenize_example(tokenizer, ex, max_length, chat_template, source)
     if processor is None:
-        raise DataError(where(spec.name) + "its examples have images, but θ(0) has no image processor (not a "
+        raise DataError(where(source) + "its examples have images, but θ(0) has no image processor (not a "
                         "vision-language model with a saved processor); see docs/multimodal.md")
     from merit_core.data.images import tokenize_image_example
 
-    return tokenize_image_example(processor, ex, data_cfg.max_length, spec.name)
+    return tokenize_image_example(processor, ex, max_length, source)
 
 
 def _resolve_source(spec: SourceSpec, data_cfg: DataConfig, tokenizer, calibration_size: int,
@@ -264,7 +269,7 @@ def _resolve_source(spec: SourceSpec, data_cfg: DataConfig, tokenizer, calibrati
     tokenized: list[TokenizedExample] = []
     dropped = 0
     for ex in examples:
-        te = _tokenize(ex, spec, data_cfg, tokenizer, processor)
+        te = tokenize_any(ex, spec.name, data_cfg.max_length, data_cfg.chat_template, tokenizer, processor)
         if te is None:
             dropped += 1
         else:

@@ -9,6 +9,8 @@ Tasks (``SourceSpec.task``), each a 64×64 RGB picture and one question:
 - ``read_digits``: three digits in the default bitmap font; "Read the digits." -> ``"472"``.
 - ``spatial``: a circle and a square side by side or stacked; "Where is the circle
   relative to the square?" -> ``"left"`` / ``"right"`` / ``"above"`` / ``"below"``.
+- ``name_shape``: one circle, square or triangle; "What shape is in the picture?"
+  (the demo keeps it out of training as an out-of-mixture benchmark).
 
 Examples per source: ``max_examples`` (default :data:`DEFAULT_EXAMPLES`). The PNG files
 go to the image cache (content-addressed), so a rerun writes nothing new.
@@ -28,7 +30,7 @@ DEFAULT_EXAMPLES = 64
 SIZE = 64
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 70, 220), "yellow": (235, 210, 30),
            "purple": (140, 50, 180), "orange": (240, 130, 20)}
-TASKS = ("count_shapes", "name_colour", "read_digits", "spatial")
+TASKS = ("count_shapes", "name_colour", "read_digits", "spatial", "name_shape")
 
 
 def _canvas():
@@ -80,8 +82,22 @@ def _spatial(rng: random.Random) -> tuple[object, str, str]:
     return im, "Where is the circle relative to the square? Answer left, right, above or below.", where_
 
 
+def _name_shape(rng: random.Random) -> tuple[object, str, str]:
+    im, d = _canvas()
+    shape = rng.choice(["circle", "square", "triangle"])
+    x, y, r = rng.randint(20, 44), rng.randint(20, 44), rng.randint(9, 16)
+    colour = rng.choice(list(COLOURS.values()))
+    if shape == "circle":
+        d.ellipse(_box(x, y, r), fill=colour)
+    elif shape == "square":
+        d.rectangle(_box(x, y, r), fill=colour)
+    else:
+        d.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=colour)
+    return im, "What shape is in the picture? Answer circle, square or triangle.", shape
+
+
 _MAKERS = {"count_shapes": _count_shapes, "name_colour": _name_colour, "read_digits": _read_digits,
-           "spatial": _spatial}
+           "spatial": _spatial, "name_shape": _name_shape}
 
 
 def generate(spec: SourceSpec, seed: int = 0) -> list[Example]:

@@ -44,7 +44,7 @@ def resolve_mixture(cfg: MeritConfig, store: ArtifactStore, base: ModelRef) -> M
         if not store.is_complete(key):
             staging = store.staging_dir(key)
             for split, examples in zip(SPLITS, (sd.train, sd.heldout, sd.calibration)):
-                write_examples(staging / f"{split}.jsonl", _with_stored_images(examples, staging))
+                write_examples(staging / f"{split}.jsonl", with_stored_images(examples, staging))
             store.commit_dir(key, staging, metadata={"kind": "tokenized-source", "source": name})
         st = sd.stats
         spec = next(s for s in cfg.data.sources if s.name == name)
@@ -62,7 +62,7 @@ IMAGES_DIR = "images"
 """Sub-directory of a stored source holding its examples' image tensors (safetensors)."""
 
 
-def _with_stored_images(examples: list[TokenizedExample], staging: Path) -> list[TokenizedExample]:
+def with_stored_images(examples: list[TokenizedExample], staging: Path) -> list[TokenizedExample]:
     """Copies of ``examples`` whose ``image_inputs`` files are copied into
     ``staging/images/`` and named relative to the source directory."""
     out = []
@@ -87,6 +87,11 @@ def load_split(store: ArtifactStore, source: SourceInfo, split: str) -> list[Tok
     """
     if split not in SPLITS:
         raise ValueError(f"data split {split!r}: use one of {', '.join(SPLITS)}")
-    d = store.fetch_dir(source.key)
-    return [replace(e, image_inputs=str(d / e.image_inputs)) if e.image_inputs else e
-            for e in read_examples(d / f"{split}.jsonl")]
+    return read_stored_examples(store.fetch_dir(source.key), f"{split}.jsonl")
+
+
+def read_stored_examples(directory: Path, name: str) -> list[TokenizedExample]:
+    """The examples of ``directory/name`` with their ``image_inputs`` made absolute
+    (inverse of :func:`with_stored_images`)."""
+    return [replace(e, image_inputs=str(directory / e.image_inputs)) if e.image_inputs else e
+            for e in read_examples(directory / name)]
