@@ -160,3 +160,26 @@ def test_image_source_needs_a_vision_language_model(tmp_path, tiny_tokenizer):
     spec = _llava(tmp_path, [_record("imgs/a.png")] * 3)
     with pytest.raises(DataError, match="source 'pics': its examples have images, but θ\\(0\\) has no image processor"):
         resolve_mixture(DataConfig(sources=[spec], heldout_min=1), tiny_tokenizer, calibration_size=2)
+
+
+def test_vlm_configs_validate_and_synthetic_sources_are_reproducible():
+    from pathlib import Path
+
+    from merit_core.config import load_config
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    demo = load_config(root / "vlm-demo.yaml")
+    assert demo.model.source == "tiny-qwen2.5-vl" and demo.model.trainable == "lm"
+    assert {s.kind for s in demo.data.sources} == {"synthetic_images"} and len(demo.data.sources) == 4
+    assert [b.task for b in demo.eval.benchmarks] == ["name_shape"]
+    paper = load_config(root / "vlm-qwen2.5-vl-3b.yaml")
+    assert (paper.model.trainable, paper.split.r, paper.train.epochs) == ("lm", 3, 1.0)
+    assert all(s.image_field for s in paper.data.sources)
+
+    spec = demo.data.sources[0].model_copy(update={"max_examples": 5})
+    a, b = load_examples(spec, seed=0), load_examples(spec, seed=0)
+    assert [Path(e.images[0]).read_bytes() for e in a] == [Path(e.images[0]).read_bytes() for e in b]
+    assert [e.response for e in a] == [e.response for e in b]
+    assert [e.images for e in load_examples(spec, seed=1)] != [e.images for e in a]
+    with pytest.raises(DataError, match="unknown synthetic image task 'nope'"):
+        load_examples(spec.model_copy(update={"task": "nope"}))
