@@ -90,9 +90,8 @@ def train_branch(cfg: MeritConfig, store: ArtifactStore, base: ModelRef, mixture
                                        checkpoint_dir=ckpt_dir, dtype=cfg.model.dtype, on_checkpoint=upload,
                                        on_progress=on_progress, trainable=cfg.model.trainable)
     else:
-        stats = run_trainer(base_dir, examples, out, cfg.train, checkpoint_dir=ckpt_dir,
-                            dtype=cfg.model.dtype, on_checkpoint=upload_then, on_progress=on_progress,
-                            trainable=cfg.model.trainable)
+        stats = run_trainer(base_dir, examples, out, cfg.train, checkpoint_dir=ckpt_dir, dtype=cfg.model.dtype,
+                            on_checkpoint=upload_then, on_progress=on_progress, trainable=cfg.model.trainable)
     ref = BranchRef(index=index, label=label, key=key, uri=store.uri_for(key), sources=sorted(sources),
                     **stats.model_dump())
     store.commit_dir(key, out, metadata={"kind": "branch", "branch": ref.model_dump()})

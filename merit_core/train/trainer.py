@@ -6,6 +6,10 @@ no communication with other branches. Checkpoints (model, optimizer, scheduler, 
 state, step) are written every ``save_steps`` optimizer steps by the Trainer; a restarted
 branch resumes from the newest complete checkpoint with the same data order, so the
 result does not depend on whether it was interrupted.
+
+Image-instruction examples (``image_inputs`` set) train on padded batches carrying their
+image inputs (never packed); a vision-language θ(0) loads with
+``AutoModelForImageTextToText`` and its processor files are saved with θ_k.
 """
 
 from __future__ import annotations
@@ -161,14 +165,7 @@ def train_branch(base_dir: str | os.PathLike, examples: Sequence[TokenizedExampl
             benchmark's step timer); the batch collator is ``train_dataloader.collate_fn``.
         on_progress: called on rank 0 with each Trainer log, a :class:`~merit_core.train.progress.TrainProgress`
             (also logged as one INFO line on ``merit_core.train.progress``).
-        trainable: ``model.trainable`` (:func:`merit_core.conflict.gradient.trainable_parameters`);
-            every other parameter is frozen (``requires_grad=False``, not in the
-            optimizer), so it comes out of the branch bit-identical to θ(0). ``"lm"``
-            freezes a vision-language model's vision tower and projector (paper).
-
-    Image-instruction examples (``image_inputs`` set) train on padded batches with their
-    image inputs (never packed); the model loads with ``AutoModelForImageTextToText``
-    and its processor is saved with θ_k.
+        trainable: ``model.trainable``; every other parameter is frozen (:func:`_freeze`).
 
     Under torchrun (``WORLD_SIZE`` > 1, see :mod:`merit_core.train.launch`) every rank
     calls this; each takes ``cfg.batch_size / WORLD_SIZE`` examples per micro-step, so
@@ -186,17 +183,11 @@ def train_branch(base_dir: str | os.PathLike, examples: Sequence[TokenizedExampl
 
     if not examples:
         raise TrainSetupError("train_branch: the branch has no training examples")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     output_dir, ckpt_root = _output_dirs(output_dir, checkpoint_dir)
-    has_images = any(e.image_inputs for e in examples)
-    tokenizer, model, packed, use_cache = _load(base_dir, cfg, dtype, allow_packing=not has_images)
-    counts = _freeze(model, trainable)
+    tokenizer, model, packed, use_cache, counts = _load(base_dir, cfg, dtype, trainable, not _has_images(examples))
     world = world_size()
     check_train_setup(cfg, world)
-    collator = _collator(tokenizer, cfg, packed)
-    if has_images:
-        collator = _CountingCollator(_ImageCollator(collator._collate, tokenizer.padding_side))
+    collator = _collator(tokenizer, cfg, packed, _has_images(examples))
     trainer = Trainer(model=model, args=_training_arguments(cfg, ckpt_root, world),
                       train_dataset=_ListDataset(examples), data_collator=collator,
                       callbacks=[*callbacks, *_upload_callbacks(on_checkpoint), progress_callback(on_progress)])
@@ -210,13 +201,20 @@ def train_branch(base_dir: str | os.PathLike, examples: Sequence[TokenizedExampl
     return TrainStats(trained_tokens=trained_token_count(examples, cfg), examples=len(examples), wall_s=wall,
                       steps=int(trainer.state.global_step), started_at=started_at, resumed_from_step=resumed_step,
                       train_loss=float(out.training_loss) if out.training_loss is not None else math.nan,
-                      processes=world, packed=packed, real_token_fraction=None if math.isnan(real) else real,
-                      trainable_parameters=counts["trainable"], frozen_parameters=counts["frozen"])
+                      processes=world, packed=packed, real_token_fraction=None if math.isnan(real) else real, **counts)
+
+
+def _has_images(examples: Sequence[TokenizedExample]) -> bool:
+    """Whether the branch has image-instruction examples (padded batches, never packed)."""
+    return any(e.image_inputs for e in examples)
 
 
 def _freeze(model: torch.nn.Module, trainable: str | list[str]) -> dict[str, int]:
-    """``requires_grad`` on exactly the ``trainable`` parameters; returns the counts
-    (:func:`merit_core.vlm.parameter_counts`)."""
+    """``requires_grad`` on exactly the ``trainable`` parameters
+    (:func:`merit_core.conflict.gradient.trainable_parameters`); the others are not in
+    the optimizer, so they leave the branch bit-identical to θ(0) (``"lm"`` freezes a
+    vision-language model's vision tower and projector, as in the paper). Returns the
+    counts as TrainStats fields (:func:`merit_core.vlm.parameter_counts`)."""
     from merit_core.conflict.gradient import trainable_parameters
     from merit_core.vlm import parameter_counts
 
@@ -227,7 +225,7 @@ def _freeze(model: torch.nn.Module, trainable: str | list[str]) -> dict[str, int
     if counts["frozen"]:
         logger.info("model.trainable=%r: %d trainable, %d frozen parameters", trainable, counts["trainable"],
                     counts["frozen"])
-    return counts
+    return {"trainable_parameters": counts["trainable"], "frozen_parameters": counts["frozen"]}
 
 
 def _output_dirs(output_dir: str | os.PathLike, checkpoint_dir: str | os.PathLike | None) -> tuple[Path, Path]:
@@ -248,15 +246,19 @@ def _resume_point(ckpt_root: Path) -> tuple[Path | None, int]:
     return resume_from, step
 
 
-def _load(base_dir: str | os.PathLike, cfg: TrainConfig, dtype: str, allow_packing: bool = True) -> tuple:
-    """θ(0) with its KV cache switched off, its tokenizer (pad token = EOS when it has
-    none), whether the branch trains packed (``cfg.packing``, ``allow_packing`` (no image
-    examples) and the model keeps packed examples apart), and the model's own
-    ``use_cache`` (restored before saving)."""
+def _load(base_dir: str | os.PathLike, cfg: TrainConfig, dtype: str, trainable: str | list[str] = "all",
+          allow_packing: bool = True) -> tuple:
+    """θ(0) with its KV cache switched off and only ``trainable`` parameters trainable
+    (:func:`_freeze`), on ``cfg.threads`` torch threads; its tokenizer (pad token = EOS
+    when it has none), whether the branch trains packed (``cfg.packing``,
+    ``allow_packing`` (no image examples) and the model keeps packed examples apart),
+    the model's own ``use_cache`` (restored before saving), and the parameter counts."""
     from transformers import AutoTokenizer
 
     from merit_core.vlm import auto_model_class
 
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -275,7 +277,7 @@ def _load(base_dir: str | os.PathLike, cfg: TrainConfig, dtype: str, allow_packi
                        "attention mask); this branch trains on padded batches", type(model).__name__)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    return tokenizer, model, packed, use_cache
+    return tokenizer, model, packed, use_cache, _freeze(model, trainable)
 
 
 def _training_arguments(cfg: TrainConfig, ckpt_root: Path, world: int):
@@ -313,12 +315,15 @@ def _training_arguments(cfg: TrainConfig, ckpt_root: Path, world: int):
     )
 
 
-def _collator(tokenizer, cfg: TrainConfig, packed: bool) -> PackedCollator | _CountingCollator:
+def _collator(tokenizer, cfg: TrainConfig, packed: bool, images: bool = False) -> PackedCollator | _CountingCollator:
+    """Packed rows (text, ``packed``), or padded batches, with the examples' image inputs
+    when the branch has image-instruction examples (:class:`_ImageCollator`)."""
     from transformers import DataCollatorForSeq2Seq
 
     if packed:
         return PackedCollator(tokenizer.pad_token_id, cfg.pack_tokens)
-    return _CountingCollator(DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
+    pad = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    return _CountingCollator(_ImageCollator(pad, tokenizer.padding_side) if images else pad)
 
 
 def _upload_callbacks(on_checkpoint: Callable[[Path], None] | None) -> list:
