@@ -31,6 +31,7 @@ import math
 import random
 from array import array
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from merit_core.config import DataConfig, SourceSpec
@@ -72,6 +73,10 @@ def load_examples(spec: SourceSpec, seed: int = 0) -> list[Example]:
         from merit_core.data.hf import load_hf
 
         examples = load_hf(spec)
+    elif spec.kind == "synthetic_images":
+        from merit_core.data.synthetic_images import generate
+
+        examples = generate(spec, seed)
     else:  # pragma: no cover - SourceSpec.kind is a Literal
         raise DataError(where(spec.name) + f"unknown kind {spec.kind!r}")
     if not examples:
@@ -194,6 +199,8 @@ def content_hash(
             h.update(array("i", e.input_ids).tobytes() + b"\xff")
             h.update(array("i", e.labels).tobytes() + b"\xfe")
             h.update(e.prompt_length.to_bytes(4, "little"))
+            if e.image_inputs:  # content-addressed: the file name is the sha256 of the image tensors
+                h.update(b"img:" + Path(e.image_inputs).name.encode())
             ex = e.example
             if ex is not None and ex.options is not None:
                 h.update(repr((ex.options, ex.correct)).encode())
@@ -224,6 +231,8 @@ def split_source(
     for i, e in enumerate(examples):
         ex = e.example
         key = f"{ex.system}\0{ex.prompt}" if ex is not None else repr(e.input_ids[: e.prompt_length])
+        if ex is not None and ex.images:  # same question about another image: another prompt
+            key += "\0" + "\0".join(ex.images)
         groups.setdefault(key, []).append(i)
     order = list(groups.values())
     random.Random(f"{cfg.seed}:{name}:split").shuffle(order)
@@ -240,14 +249,33 @@ def split_source(
     return [examples[i] for i in train], [examples[i] for i in held]
 
 
+def tokenize_any(ex: Example, source: str, max_length: int, chat_template: str | None, tokenizer,
+                 processor=None) -> TokenizedExample | None:
+    """Text examples through :func:`tokenize_example`, image examples through θ(0)'s
+    processor (:func:`merit_core.data.images.tokenize_image_example`).
+
+    Raises:
+        DataError: an image example and no processor (a text model).
+    """
+    if not ex.images:
+        return tokenize_example(tokenizer, ex, max_length, chat_template, source)
+    if processor is None:
+        raise DataError(where(source) + "its examples have images, but θ(0) has no image processor (not a "
+                        "vision-language model with a saved processor); see docs/multimodal.md")
+    from merit_core.data.images import tokenize_image_example
+
+    return tokenize_image_example(processor, ex, max_length, source)
+
+
 def _tokenize_and_split(spec: SourceSpec, examples: list[Example], data_cfg: DataConfig,
-                        tokenizer) -> tuple[list[TokenizedExample], list[TokenizedExample], int,
-                                            list[TokenizedExample]]:
-    """Tokenize a source's examples and split them: (train, heldout, dropped, all tokenized)."""
+                        tokenizer, processor=None) -> tuple[list[TokenizedExample], list[TokenizedExample], int,
+                                                            list[TokenizedExample]]:
+    """Tokenize a source's examples (:func:`tokenize_any`) and split them: (train, heldout,
+    dropped, all tokenized)."""
     tokenized: list[TokenizedExample] = []
     dropped = 0
     for ex in examples:
-        te = tokenize_example(tokenizer, ex, data_cfg.max_length, data_cfg.chat_template, spec.name)
+        te = tokenize_any(ex, spec.name, data_cfg.max_length, data_cfg.chat_template, tokenizer, processor)
         if te is None:
             dropped += 1
         else:
@@ -293,13 +321,15 @@ def _finish_source(spec: SourceSpec, examples: list[Example], tokenized: list[To
     )
 
 
-def resolve_mixture(data_cfg: DataConfig, tokenizer, calibration_size: int) -> Mixture:
+def resolve_mixture(data_cfg: DataConfig, tokenizer, calibration_size: int, processor=None) -> Mixture:
     """Load, tokenize, split and count every source of ``data_cfg`` (module docstring).
 
     Args:
         data_cfg: ``MeritConfig.data``.
         tokenizer: the θ(0) tokenizer (chat template from it or ``data_cfg.chat_template``).
         calibration_size: ``MeritConfig.conflict.calibration_size``.
+        processor: θ(0)'s processor (``AutoProcessor``) for image sources, None for a
+            text model (:mod:`merit_core.data.images`).
 
     Raises:
         ChatTemplateError: no chat template (checked before any source is read).
@@ -308,12 +338,13 @@ def resolve_mixture(data_cfg: DataConfig, tokenizer, calibration_size: int) -> M
     """
     if not data_cfg.sources:
         raise DataError("data.sources is empty: the mixture needs at least one source")
-    prompt_ids(tokenizer, Example(prompt="probe", response="probe"), data_cfg.chat_template)  # fail fast
+    if processor is None:
+        prompt_ids(tokenizer, Example(prompt="probe", response="probe"), data_cfg.chat_template)  # fail fast
     specs = [spec.model_copy(update={"system_prompt": data_cfg.system_prompt})
              if data_cfg.system_prompt and not spec.system_prompt else spec for spec in data_cfg.sources]
     loaded = {spec.name: load_examples(spec, data_cfg.seed) for spec in specs}
     unique = drop_cross_source_duplicates(loaded)
-    parts = {spec.name: _tokenize_and_split(spec, unique[spec.name], data_cfg, tokenizer) for spec in specs}
+    parts = {spec.name: _tokenize_and_split(spec, unique[spec.name], data_cfg, tokenizer, processor) for spec in specs}
     train = without_heldout_prompts_of_others({n: p[0] for n, p in parts.items()},
                                               {n: p[1] for n, p in parts.items()})
     out: dict[str, SourceData] = {}

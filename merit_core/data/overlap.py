@@ -23,13 +23,16 @@ log = logging.getLogger("merit_core.data.mixture")
 
 def _duplicate_key(ex: Example) -> tuple:
     """What makes two examples the same example across sources: prompt, response and
-    multiple-choice options (not the system prompt, which a source may add)."""
-    return ex.prompt, ex.response, ex.options, ex.correct
+    multiple-choice options and images (not the system prompt, which a source may add)."""
+    return ex.prompt, ex.response, ex.options, ex.correct, tuple(ex.images or ())
 
 
 def _prompt_key(e: TokenizedExample) -> str:
-    """The user text of a tokenized example (its prompt ids where it has no Example)."""
-    return e.example.prompt if e.example is not None else repr(e.input_ids[: e.prompt_length])
+    """The user text of a tokenized example, with its images (the same question about
+    another image is another prompt); its prompt ids where it has no Example."""
+    if e.example is None:
+        return repr(e.input_ids[: e.prompt_length])
+    return "\0".join([e.example.prompt, *(e.example.images or ())])
 
 
 def drop_cross_source_duplicates(loaded: dict[str, list[Example]]) -> dict[str, list[Example]]:

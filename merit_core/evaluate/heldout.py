@@ -203,11 +203,14 @@ def evaluate_dir(
         ModelDirError: the tokenizer or the held-out token ids do not fit the model's
             embedding (:func:`check_vocab_fits`).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from merit_core.vlm import auto_model_class
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=trust_remote_code, dtype=dtype or "auto")
+    model = auto_model_class(model_dir).from_pretrained(model_dir, trust_remote_code=trust_remote_code,
+                                                        dtype=dtype or "auto")
     check_vocab_fits(model, tokenizer, heldout, str(model_dir))
     model.to(device)
     kwargs.setdefault("name", str(model_dir))

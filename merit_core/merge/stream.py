@@ -180,6 +180,9 @@ def _merge_block(job: MergeJob, unit: Unit, srcs: list[torch.Tensor], has_base: 
         out = buf[: unit.numel * dtype.itemsize].view(dtype)
         for s in range(0, unit.numel, CHUNK_ELEMENTS):
             e = min(s + CHUNK_ELEMENTS, unit.numel)
+            if _unchanged(srcs, s, e, dtype):  # e.g. a frozen vision tower: θ(0) exactly
+                out[s:e].copy_(srcs[0][s:e])
+                continue
             xs = [w[: e - s].copy_(p[s:e]) for w, p in zip(ws.f64, srcs)]
             b = xs.pop() if has_base else None
             merged = job.spec(xs, job.weights, b, name=unit.name, counts=job.counts, **job.settings)
@@ -195,9 +198,26 @@ def _merge_block(job: MergeJob, unit: Unit, srcs: list[torch.Tensor], has_base: 
     return out, buf
 
 
+def _unchanged(srcs: list[torch.Tensor], s: int, e: int, dtype: torch.dtype) -> bool:
+    """Whether elements ``s:e`` are bit for bit the same in every input (and θ(0), which is
+    last in ``srcs`` when the operator uses it) and stored in the output dtype. Such a
+    chunk is copied through: any merge of K equal values (with θ(0) equal to them) is that
+    value, and so a tensor no branch changed (a frozen vision tower, ``model.trainable:
+    lm``) leaves the merge as θ(0) exactly, whatever the weights' rounding."""
+    first = srcs[0][s:e]
+    if any(p.dtype != dtype for p in srcs):
+        return False
+    if any(not bool(p[s] == first[0]) for p in srcs[1:]):  # cheap early exit (NaN: not equal)
+        return False
+    return all(torch.equal(p[s:e], first) for p in srcs[1:])
+
+
 def _merge_whole(job: MergeJob, unit: Unit, parts: list[torch.Tensor], base: torch.Tensor | None,
                  ckpts: list[Checkpoint], base_ckpt: Checkpoint | None) -> torch.Tensor:
     """One whole tensor of a whole-tensor operator, in float32 (float64 for float64)."""
+    everything = [*parts, *([base] if base is not None else [])]
+    if unit.info.numel and _unchanged([p.reshape(-1) for p in everything], 0, unit.info.numel, unit.info.dtype):
+        return parts[0]
     acc = torch.float64 if unit.info.dtype == torch.float64 else torch.float32
     tensors = [_checked(p.to(acc), unit.name, c) for p, c in zip(parts, ckpts)]
     b = _checked(base.to(acc), unit.name, base_ckpt) if base is not None else None

@@ -42,3 +42,11 @@ def load_base_tokenizer(store: ArtifactStore, base: ModelRef, trust_remote_code:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(store.fetch_dir(base.key), trust_remote_code=trust_remote_code)
+
+
+def load_base_processor(store: ArtifactStore, base: ModelRef, trust_remote_code: bool = False):
+    """The processor stored with θ(0) (``transformers.AutoProcessor``), or None for a text
+    model (:func:`merit_core.vlm.load_processor`)."""
+    from merit_core.vlm import load_processor
+
+    return load_processor(store.fetch_dir(base.key), trust_remote_code=trust_remote_code)

@@ -85,7 +85,8 @@ def train_branch(cfg: MeritConfig, store: ArtifactStore, base: ModelRef, mixture
     out = store.staging_dir(key)
     nproc = resolve_nproc(cfg.train.nproc_per_node)
     check_train_setup(cfg.train, nproc)
-    load = {"dtype": cfg.model.dtype, "trust_remote_code": cfg.model.trust_remote_code, "on_progress": on_progress}
+    load = {"dtype": cfg.model.dtype, "trust_remote_code": cfg.model.trust_remote_code, "on_progress": on_progress,
+            "trainable": cfg.model.trainable}
     if nproc > 1 or cfg.train.deepspeed:  # elastic launcher (DDP / DeepSpeed ZeRO, which needs its env even on 1 GPU)
         write_examples(work / "examples.jsonl", examples)
         stats = run_distributed_branch(base_dir, work / "examples.jsonl", out, cfg.train, nproc=nproc,

@@ -19,14 +19,13 @@ from merit_core.data import content_hash
 from merit_core.diagnostics import displacement_norms
 from merit_core.evaluate import EvalTable, evaluate_dir
 from merit_core.models import check_model_dir
-from merit_core.pipeline.base import load_base_tokenizer
+from merit_core.pipeline.base import load_base_processor, load_base_tokenizer
 from merit_core.pipeline.layout import benchmark_key
-from merit_core.pipeline.mixture import load_split
+from merit_core.pipeline.mixture import load_split, read_stored_examples, with_stored_images
 from merit_core.precision import default_device, resolve_bf16
 from merit_core.refs import (
     MixtureRef,
     ModelRef,
-    read_examples,
     write_examples,
 )
 from merit_core.store import ArtifactStore
@@ -86,16 +85,17 @@ def resolve_benchmarks(cfg: MeritConfig, store: ArtifactStore, base: ModelRef) -
     if not cfg.eval.benchmarks:
         return BenchmarkSuite(benchmarks=[])
     tokenizer = load_base_tokenizer(store, base, cfg.model.trust_remote_code)
+    processor = load_base_processor(store, base, cfg.model.trust_remote_code)
     infos = []
     for spec in cfg.eval.benchmarks:
         examples, counts = load_benchmark(spec, tokenizer, max_length=cfg.data.max_length,
                                           max_examples=cfg.eval.benchmark_max_examples, seed=cfg.data.seed,
-                                          chat_template=cfg.data.chat_template)
+                                          chat_template=cfg.data.chat_template, processor=processor)
         digest = content_hash([], examples, [])
         key = benchmark_key(digest)
         if not intact_dir(store, key):  # missing, or damaged: written again
             staging = store.staging_dir(key)
-            write_examples(staging / "examples.jsonl", examples)
+            write_examples(staging / "examples.jsonl", with_stored_images(examples, staging))
             store.commit_dir(key, staging, metadata={"kind": "tokenized-benchmark", "benchmark": spec.name})
         infos.append(BenchmarkInfo(name=spec.name, kind=spec.kind, task=spec.task or spec.path or spec.dataset or "",
                                    content_hash=digest, key=key, **counts))
@@ -109,7 +109,7 @@ def evaluate_benchmarks(cfg: MeritConfig, store: ArtifactStore, model: ModelRef,
     dict), or None when the suite is empty."""
     if not suite.benchmarks:
         return None
-    examples = {b.name: read_examples(store.fetch_dir(b.key) / "examples.jsonl") for b in suite.benchmarks}
+    examples = {b.name: read_stored_examples(store.fetch_dir(b.key), "examples.jsonl") for b in suite.benchmarks}
     t0 = time.perf_counter()
     table = evaluate_benchmarks_dir(store.fetch_dir(model.key), examples, batch_size=cfg.eval.batch_size,
                                     trust_remote_code=cfg.model.trust_remote_code,
