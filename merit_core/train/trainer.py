@@ -184,11 +184,11 @@ def train_branch(base_dir: str | os.PathLike, examples: Sequence[TokenizedExampl
     if not examples:
         raise TrainSetupError("train_branch: the branch has no training examples")
     output_dir, ckpt_root = _output_dirs(output_dir, checkpoint_dir)
-    tokenizer, model, packed, use_cache, counts = _load(base_dir, cfg, dtype, trainable, not _has_images(examples),
-                                                        trust_remote_code)
+    images = _has_images(examples)
+    tokenizer, model, packed, use_cache, counts = _load(base_dir, cfg, dtype, trainable, not images, trust_remote_code)
     world = world_size()
     check_train_setup(cfg, world)
-    collator = _collator(tokenizer, cfg, packed, _has_images(examples))
+    collator = _collator(tokenizer, cfg, packed, images)
     trainer = Trainer(model=model, args=_training_arguments(cfg, ckpt_root, world),
                       train_dataset=_ListDataset(examples), data_collator=collator,
                       callbacks=[*callbacks, *_upload_callbacks(on_checkpoint), progress_callback(on_progress)])
