@@ -162,8 +162,7 @@ def train_branch(base_dir: str | os.PathLike, examples: Sequence[TokenizedExampl
         trust_remote_code: run model code shipped with θ(0) (``model.trust_remote_code``).
         on_checkpoint: called with each checkpoint dir after the Trainer wrote it
             (the pipeline uploads it to the object store); on rank 0 only.
-        callbacks: extra ``transformers.TrainerCallback`` objects (e.g. the throughput
-            benchmark's step timer); the batch collator is ``train_dataloader.collate_fn``.
+        callbacks: extra ``transformers.TrainerCallback`` objects (the throughput benchmark's step timer).
         on_progress: called on rank 0 with each Trainer log, a :class:`~merit_core.train.progress.TrainProgress`
             (also logged as one INFO line on ``merit_core.train.progress``).
         trainable: ``model.trainable``; every other parameter is frozen (:func:`_freeze`).
