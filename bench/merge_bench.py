@@ -48,7 +48,8 @@ def make_checkpoint(path: str, size_mb: float, seed: int, shard_size: str) -> No
     """Write one random checkpoint tensor by tensor (runs in a child process)."""
     import torch
 
-    from merit_core.merge.io import ShardWriter, TensorInfo
+    from merit_core.merge.io import TensorInfo
+    from merit_core.merge.shards import ShardWriter
 
     layers, shapes = llama_shapes(size_mb)
     out = Path(path)

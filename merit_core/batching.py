@@ -14,7 +14,9 @@ def collate(examples: Sequence[TokenizedExample], pad_token_id: int) -> dict[str
 
     Returns a dict of int64 tensors of shape (B, L) with L the longest example:
     ``input_ids`` (padded with ``pad_token_id``), ``attention_mask`` (1 = real token)
-    and ``labels`` (padded with -100).
+    and ``labels`` (padded with -100); for image examples also their image inputs
+    (:func:`merit_core.data.images.image_batch`: ``pixel_values``, ``image_grid_thw``,
+    ``mm_token_type_ids`` (B, L), ...).
 
     Raises:
         ValueError: if ``examples`` is empty.
@@ -31,7 +33,12 @@ def collate(examples: Sequence[TokenizedExample], pad_token_id: int) -> dict[str
         input_ids[i, :k] = torch.tensor(e.input_ids, dtype=torch.long)
         labels[i, :k] = torch.tensor(e.labels, dtype=torch.long)
         attention_mask[i, :k] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    out = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    if any(e.image_inputs for e in examples):
+        from merit_core.data.images import image_batch
+
+        out.update(image_batch([e.image_inputs for e in examples], length))
+    return out
 
 
 def batches(
@@ -51,15 +58,17 @@ def response_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) ->
     with label -100 carry no loss. The loss is computed in float32 whatever the model
     dtype.
 
+    Other entries of ``batch`` (image inputs of a vision-language model) go to the model
+    as keyword arguments.
+
     Returns:
         (loss_sum, n_tokens): a float32 scalar tensor (nats, differentiable) and the
         number of loss-bearing tokens (int).
     """
     device = next(model.parameters()).device
-    input_ids = batch["input_ids"].to(device)
-    attention_mask = batch["attention_mask"].to(device)
     labels = batch["labels"].to(device)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs).logits
     shift_logits = logits[:, :-1, :].float()
     shift_labels = labels[:, 1:]
     loss = torch.nn.functional.cross_entropy(

@@ -66,7 +66,8 @@ def describe(spec: SourceSpec) -> str:
 
 
 def load_benchmark(spec: SourceSpec, tokenizer, *, max_length: int, max_examples: int | None,
-                   seed: int = 0, chat_template: str | None = None) -> tuple[list[TokenizedExample], dict]:
+                   seed: int = 0, chat_template: str | None = None,
+                   processor=None) -> tuple[list[TokenizedExample], dict]:
     """Load and tokenize one benchmark; all examples are for evaluation.
 
     Args:
@@ -75,6 +76,7 @@ def load_benchmark(spec: SourceSpec, tokenizer, *, max_length: int, max_examples
             middle, the answer is kept — the held-out policy).
         max_examples: cap (``eval.benchmark_max_examples``); ``spec.max_examples`` if
             smaller. A seeded shuffle picks which examples.
+        processor: θ(0)'s processor, for an image benchmark of a vision-language model.
 
     Returns:
         (tokenized examples, counts: examples, multiple_choice, truncated, dropped).
@@ -82,14 +84,15 @@ def load_benchmark(spec: SourceSpec, tokenizer, *, max_length: int, max_examples
     Raises:
         DataError: bad input naming the benchmark, or every example dropped.
     """
-    from merit_core.data import DataError, load_examples, tokenize_example
+    from merit_core.data import DataError, load_examples
+    from merit_core.data.mixture import tokenize_any
 
     caps = [c for c in (max_examples, spec.max_examples) if c is not None]
     capped = spec.model_copy(update={"max_examples": min(caps) if caps else None})
     examples = load_examples(capped, seed)
     out: list[TokenizedExample] = []
     for ex in examples:
-        te = tokenize_example(tokenizer, ex, max_length, chat_template, spec.name)
+        te = tokenize_any(ex, spec.name, max_length, chat_template, tokenizer, processor)
         if te is not None:
             out.append(te)
     if not out:
@@ -174,12 +177,16 @@ def average(table: Mapping, fn=score) -> float | None:
 
 
 def evaluate_benchmarks_dir(model_dir, suite: Mapping[str, Sequence[TokenizedExample]], *, device=None,
-                            **kwargs) -> EvalTable:
-    """Load a Hugging Face model directory and run :func:`evaluate_benchmarks` on it."""
+                            trust_remote_code: bool = False, **kwargs) -> EvalTable:
+    """Load a Hugging Face model directory and run :func:`evaluate_benchmarks` on it
+    (``trust_remote_code``: run model code shipped with the directory, ``model.trust_remote_code``)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from merit_core.vlm import auto_model_class
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=False, dtype="auto").to(device)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    model = auto_model_class(model_dir).from_pretrained(model_dir, trust_remote_code=trust_remote_code,
+                                                        dtype="auto").to(device)
     return evaluate_benchmarks(model, tokenizer, suite, **kwargs)

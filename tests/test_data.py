@@ -439,7 +439,8 @@ def ids(part):
 
 
 def test_splits_deterministic_disjoint_and_calibration_from_train(tmp_path, tiny_tokenizer):
-    a_spec, b_spec = jsonl_source(tmp_path, n=80, name="a"), jsonl_source(tmp_path, n=50, name="b")
+    a_spec = jsonl_source(tmp_path, n=80, name="a")
+    b_spec = SourceSpec(name="b", kind="jsonl", path=str(write_jsonl(tmp_path / "b.jsonl", qa_records(50, " (b)"))))
     cfg = data_cfg(a_spec, b_spec, heldout_fraction=0.2)
     m1, m2 = resolve_mixture(cfg, tiny_tokenizer, 10), resolve_mixture(cfg, tiny_tokenizer, 10)
     m3 = resolve_mixture(cfg.model_copy(update={"seed": 1}), tiny_tokenizer, 10)
@@ -499,7 +500,7 @@ def test_too_few_examples_to_split(tmp_path, tiny_tokenizer):
 
 
 def test_summary_table_and_manifest(tmp_path, tiny_tokenizer):
-    long = [{"prompt": "word " * 200, "response": "yes"}] + qa_records(30)
+    long = [{"prompt": "word " * 200, "response": "yes"}] + qa_records(30, " (mixed)")
     spec = SourceSpec(name="mixed", kind="jsonl", path=str(write_jsonl(tmp_path / "l.jsonl", long)))
     m = resolve_mixture(data_cfg(spec, jsonl_source(tmp_path, n=20, name="qa")), tiny_tokenizer, 4)
     assert m.sources["mixed"].stats.truncated == 1

@@ -69,4 +69,6 @@ def load_hf(spec: SourceSpec) -> list[Example]:
     """
     ds = _open(spec)
     name = f"dataset {spec.dataset} split {spec.split}"
-    return [record_to_example(row, spec, f"{name} row {i}") for i, row in enumerate(ds)]
+    local = Path(spec.dataset or "").expanduser()
+    base_dir = local if local.is_dir() else None  # relative image paths of a local dataset
+    return [record_to_example(row, spec, f"{name} row {i}", base_dir) for i, row in enumerate(ds)]

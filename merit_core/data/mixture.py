@@ -5,11 +5,16 @@
 1. load each source (:func:`load_examples`; ``max_examples`` keeps a seeded sample);
 2. tokenize (:func:`merit_core.data.tokenize.tokenize_example`), counting truncated and
    dropped examples;
-3. split into disjoint train / held-out parts from ``data.seed``: examples with the same
+3. remove exact duplicates across sources (same prompt, response and options: kept in
+   the first source in config order, removed from later ones with a warning; a source
+   that is all duplicates is refused), then split each source into disjoint train /
+   held-out parts from ``data.seed``: examples with the same
    prompt stay together (BIG-bench generation tasks repeat an input with several
    references), prompt groups are shuffled with a seed derived from ``data.seed`` and
    the source name, and whole groups go to held-out until it holds
    ``max(heldout_min, ceil(heldout_fraction·n))`` examples (capped by ``heldout_max``);
+   then drop from every training split the examples whose prompt another source holds
+   out (with a warning), so no held-out example is trained on in any branch;
 4. draw the calibration set (seeded) from the train part: up to ``calibration_size``
    examples, all of a smaller train part with a warning;
 5. hash the result (:func:`content_hash`).
@@ -26,11 +31,13 @@ import math
 import random
 from array import array
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from merit_core.config import DataConfig, SourceSpec
 from merit_core.data.errors import DataError, where
 from merit_core.data.format import prompt_ids
+from merit_core.data.overlap import drop_cross_source_duplicates, without_heldout_prompts_of_others
 from merit_core.data.tokenize import tokenize_example
 from merit_core.data.types import Example, SourceStats, TokenizedExample
 
@@ -66,6 +73,10 @@ def load_examples(spec: SourceSpec, seed: int = 0) -> list[Example]:
         from merit_core.data.hf import load_hf
 
         examples = load_hf(spec)
+    elif spec.kind == "synthetic_images":
+        from merit_core.data.synthetic_images import generate
+
+        examples = generate(spec, seed)
     else:  # pragma: no cover - SourceSpec.kind is a Literal
         raise DataError(where(spec.name) + f"unknown kind {spec.kind!r}")
     if not examples:
@@ -188,6 +199,8 @@ def content_hash(
             h.update(array("i", e.input_ids).tobytes() + b"\xff")
             h.update(array("i", e.labels).tobytes() + b"\xfe")
             h.update(e.prompt_length.to_bytes(4, "little"))
+            if e.image_inputs:  # content-addressed: the file name is the sha256 of the image tensors
+                h.update(b"img:" + Path(e.image_inputs).name.encode())
             ex = e.example
             if ex is not None and ex.options is not None:
                 h.update(repr((ex.options, ex.correct)).encode())
@@ -218,6 +231,8 @@ def split_source(
     for i, e in enumerate(examples):
         ex = e.example
         key = f"{ex.system}\0{ex.prompt}" if ex is not None else repr(e.input_ids[: e.prompt_length])
+        if ex is not None and ex.images:  # same question about another image: another prompt
+            key += "\0" + "\0".join(ex.images)
         groups.setdefault(key, []).append(i)
     order = list(groups.values())
     random.Random(f"{cfg.seed}:{name}:split").shuffle(order)
@@ -234,14 +249,33 @@ def split_source(
     return [examples[i] for i in train], [examples[i] for i in held]
 
 
-def _resolve_source(spec: SourceSpec, data_cfg: DataConfig, tokenizer, calibration_size: int) -> SourceData:
-    """One source of :func:`resolve_mixture`: load, tokenize, split train/held-out, draw the
-    calibration set, count."""
-    examples = load_examples(spec, data_cfg.seed)
+def tokenize_any(ex: Example, source: str, max_length: int, chat_template: str | None, tokenizer,
+                 processor=None) -> TokenizedExample | None:
+    """Text examples through :func:`tokenize_example`, image examples through θ(0)'s
+    processor (:func:`merit_core.data.images.tokenize_image_example`).
+
+    Raises:
+        DataError: an image example and no processor (a text model).
+    """
+    if not ex.images:
+        return tokenize_example(tokenizer, ex, max_length, chat_template, source)
+    if processor is None:
+        raise DataError(where(source) + "its examples have images, but θ(0) has no image processor (not a "
+                        "vision-language model with a saved processor); see docs/multimodal.md")
+    from merit_core.data.images import tokenize_image_example
+
+    return tokenize_image_example(processor, ex, max_length, source)
+
+
+def _tokenize_and_split(spec: SourceSpec, examples: list[Example], data_cfg: DataConfig,
+                        tokenizer, processor=None) -> tuple[list[TokenizedExample], list[TokenizedExample], int,
+                                                            list[TokenizedExample]]:
+    """Tokenize a source's examples (:func:`tokenize_any`) and split them: (train, heldout,
+    dropped, all tokenized)."""
     tokenized: list[TokenizedExample] = []
     dropped = 0
     for ex in examples:
-        te = tokenize_example(tokenizer, ex, data_cfg.max_length, data_cfg.chat_template, spec.name)
+        te = tokenize_any(ex, spec.name, data_cfg.max_length, data_cfg.chat_template, tokenizer, processor)
         if te is None:
             dropped += 1
         else:
@@ -252,6 +286,13 @@ def _resolve_source(spec: SourceSpec, data_cfg: DataConfig, tokenizer, calibrati
             "leaves no room for a single response token after the chat template; raise data.max_length"
         )
     train, heldout = split_source(tokenized, data_cfg, spec.name)
+    return train, heldout, dropped, tokenized
+
+
+def _finish_source(spec: SourceSpec, examples: list[Example], tokenized: list[TokenizedExample],
+                   train: list[TokenizedExample], heldout: list[TokenizedExample], dropped: int,
+                   calibration_size: int, seed: int, extra: dict[str, int]) -> SourceData:
+    """Draw the calibration set from ``train``, count, hash."""
     if len(train) <= calibration_size:
         if len(train) < calibration_size:
             log.warning(
@@ -260,7 +301,7 @@ def _resolve_source(spec: SourceSpec, data_cfg: DataConfig, tokenizer, calibrati
             )
         calibration = list(train)
     else:
-        calibration = random.Random(f"{data_cfg.seed}:{spec.name}:calibration").sample(train, calibration_size)
+        calibration = random.Random(f"{seed}:{spec.name}:calibration").sample(train, calibration_size)
     lengths = [len(e.input_ids) for e in tokenized]
     stats = SourceStats(
         examples=len(examples),
@@ -270,7 +311,7 @@ def _resolve_source(spec: SourceSpec, data_cfg: DataConfig, tokenizer, calibrati
         loss_tokens=sum(e.n_loss_tokens for e in train),
         truncated=sum(e.truncated for e in tokenized),
         dropped=dropped,
-        extra={"mean_length": round(sum(lengths) / len(lengths), 1), "max_length_seen": max(lengths)},
+        extra={"mean_length": round(sum(lengths) / len(lengths), 1), "max_length_seen": max(lengths), **extra},
     )
     log.info("source %r: %d examples, %d train, %d held-out, %d truncated, %d dropped",
              spec.name, stats.examples, stats.train_examples, stats.heldout_examples, stats.truncated, dropped)
@@ -280,13 +321,15 @@ def _resolve_source(spec: SourceSpec, data_cfg: DataConfig, tokenizer, calibrati
     )
 
 
-def resolve_mixture(data_cfg: DataConfig, tokenizer, calibration_size: int) -> Mixture:
+def resolve_mixture(data_cfg: DataConfig, tokenizer, calibration_size: int, processor=None) -> Mixture:
     """Load, tokenize, split and count every source of ``data_cfg`` (module docstring).
 
     Args:
         data_cfg: ``MeritConfig.data``.
         tokenizer: the θ(0) tokenizer (chat template from it or ``data_cfg.chat_template``).
         calibration_size: ``MeritConfig.conflict.calibration_size``.
+        processor: θ(0)'s processor (``AutoProcessor``) for image sources, None for a
+            text model (:mod:`merit_core.data.images`).
 
     Raises:
         ChatTemplateError: no chat template (checked before any source is read).
@@ -295,12 +338,22 @@ def resolve_mixture(data_cfg: DataConfig, tokenizer, calibration_size: int) -> M
     """
     if not data_cfg.sources:
         raise DataError("data.sources is empty: the mixture needs at least one source")
-    prompt_ids(tokenizer, Example(prompt="probe", response="probe"), data_cfg.chat_template)  # fail fast
+    if processor is None:
+        prompt_ids(tokenizer, Example(prompt="probe", response="probe"), data_cfg.chat_template)  # fail fast
+    specs = [spec.model_copy(update={"system_prompt": data_cfg.system_prompt})
+             if data_cfg.system_prompt and not spec.system_prompt else spec for spec in data_cfg.sources]
+    loaded = {spec.name: load_examples(spec, data_cfg.seed) for spec in specs}
+    unique = drop_cross_source_duplicates(loaded)
+    parts = {spec.name: _tokenize_and_split(spec, unique[spec.name], data_cfg, tokenizer, processor) for spec in specs}
+    train = without_heldout_prompts_of_others({n: p[0] for n, p in parts.items()},
+                                              {n: p[1] for n, p in parts.items()})
     out: dict[str, SourceData] = {}
-    for spec in data_cfg.sources:
-        if data_cfg.system_prompt and not spec.system_prompt:
-            spec = spec.model_copy(update={"system_prompt": data_cfg.system_prompt})
-        out[spec.name] = _resolve_source(spec, data_cfg, tokenizer, calibration_size)
+    for spec in specs:
+        _, heldout, dropped, tokenized = parts[spec.name]
+        extra = {"cross_source_duplicates": len(loaded[spec.name]) - len(unique[spec.name]),
+                 "heldout_overlap_removed": len(parts[spec.name][0]) - len(train[spec.name])}
+        out[spec.name] = _finish_source(spec, unique[spec.name], tokenized, train[spec.name], heldout, dropped,
+                                        calibration_size, data_cfg.seed, extra)
     return Mixture(
         sources=out, max_length=data_cfg.max_length, seed=data_cfg.seed, calibration_size=calibration_size,
         tokenizer_name=str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__),

@@ -18,6 +18,9 @@ class Example:
         options: multiple-choice options (BIG-bench ``target_scores`` keys), or None.
         correct: index into ``options`` of the (first) correct option, or None.
         system: optional system prompt.
+        images: absolute paths of the example's image files, in the order of the
+            :data:`merit_core.data.images.IMAGE_PLACEHOLDER` markers in ``prompt``
+            (empty for a text example; docs/multimodal.md).
     """
 
     prompt: str
@@ -25,6 +28,7 @@ class Example:
     options: tuple[str, ...] | None = None
     correct: int | None = None
     system: str | None = None
+    images: tuple[str, ...] = ()
 
 
 @dataclass
@@ -40,6 +44,10 @@ class TokenizedExample:
         source: name of the data source the example came from.
         example: the untokenized example (kept for generation / multiple choice eval).
         truncated: True when the prompt or response was cut to fit ``max_length``.
+        image_inputs: for an image example, the safetensors file holding the processor's
+            image tensors (``pixel_values``, ``image_grid_thw``, ...; and per-prompt-token
+            fields such as ``mm_token_type_ids``, shape (1, prompt_length)); a path
+            relative to the stored source directory once in the store. None for text.
     """
 
     input_ids: list[int]
@@ -48,6 +56,7 @@ class TokenizedExample:
     source: str = ""
     example: Example | None = None
     truncated: bool = False
+    image_inputs: str | None = None
 
     @property
     def n_loss_tokens(self) -> int:

@@ -21,12 +21,15 @@ from merit_core.evaluate.inputs import example_prompt, model_device
 __all__ = ["has_options", "multiple_choice_accuracy", "sequence_logprobs"]
 
 def sequence_logprobs(
-    model, sequences: Sequence[tuple[Sequence[int], Sequence[int]]], *, batch_size: int, pad_token_id: int
+    model, sequences: Sequence[tuple[Sequence[int], Sequence[int]]], *, batch_size: int, pad_token_id: int,
+    images: Sequence[str | None] | None = None,
 ) -> list[float]:
     """Summed log-probability (nats, float32 softmax) of each continuation given its prompt.
 
     Args:
         sequences: (prompt ids, continuation ids) pairs; continuation non-empty.
+        images: per pair, the prompt's ``image_inputs`` file or None (vision-language
+            models; :func:`merit_core.data.images.image_batch`).
 
     Returns:
         One float per pair: Σ_j log p(c_j | prompt, c_<j).
@@ -44,7 +47,12 @@ def sequence_logprobs(
             input_ids[j, : len(ids)] = torch.tensor(ids)
             attention_mask[j, : len(ids)] = 1
             labels[j, len(p) : len(ids)] = torch.tensor(list(c))
-        logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+        extra = {}
+        if images is not None and any(images[i : i + batch_size]):
+            from merit_core.data.images import image_batch
+
+            extra = {k: v.to(device) for k, v in image_batch(images[i : i + batch_size], length).items()}
+        logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **extra).logits
         target = labels[:, 1:].to(device)
         mask = target != IGNORE_INDEX  # (B, L-1)
         picked = logits[:, :-1][mask].float()  # (n_tok, V): only continuation positions
@@ -85,7 +93,8 @@ def multiple_choice_accuracy(model, tokenizer, examples: Sequence[TokenizedExamp
             pairs.append((prompt, cont))
             lengths.append(len(cont) if mc_norm == "tokens" else max(1, len(option.encode("utf-8"))))
             owners.append(k)
-    scores = sequence_logprobs(model, pairs, batch_size=batch_size, pad_token_id=pad_id)
+    scores = sequence_logprobs(model, pairs, batch_size=batch_size, pad_token_id=pad_id,
+                               images=[examples[k].image_inputs for k in owners])
     per_example: list[list[tuple[float, float]]] = [[] for _ in examples]
     for k, s, n in zip(owners, scores, lengths):
         per_example[k].append((s, s / n))

@@ -38,13 +38,16 @@ def exact_match(prediction: str, reference: str) -> bool:
 
 
 def greedy_generate(
-    model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, pad_token_id: int, stop_ids: Sequence[int]
+    model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, pad_token_id: int, stop_ids: Sequence[int],
+    images: Sequence[str | None] | None = None,
 ) -> list[list[int]]:
     """Greedy continuation of a batch of prompts (left-padded), cut before the first stop id.
 
     Args:
         prompts: token id lists (any lengths). stop_ids: ids that end a generation; when
             empty, ``model.generate`` falls back to ``model.generation_config.eos_token_id``.
+        images: per prompt, its ``image_inputs`` file or None (vision-language models;
+            :func:`merit_core.data.images.image_batch`).
 
     Returns one list of new token ids per prompt (stop token excluded), at most
     ``max_new_tokens`` long.
@@ -56,7 +59,13 @@ def greedy_generate(
     for i, p in enumerate(prompts):
         input_ids[i, length - len(p) :] = torch.tensor(list(p), dtype=torch.long)
         attention_mask[i, length - len(p) :] = 1
+    extra = {}
+    if images is not None and any(images):
+        from merit_core.data.images import image_batch
+
+        extra = {k: v.to(device) for k, v in image_batch(images, length, [length - len(p) for p in prompts]).items()}
     out = model.generate(
+        **extra,
         input_ids=input_ids.to(device),
         attention_mask=attention_mask.to(device),
         max_new_tokens=max_new_tokens,
@@ -92,7 +101,8 @@ def exact_match_rate(model, tokenizer, examples: Sequence[TokenizedExample], bat
     for i in range(0, len(examples), batch_size):
         chunk = examples[i : i + batch_size]
         prompts = [example_prompt(tokenizer, te, chat_template) for te in chunk]
-        generated = greedy_generate(model, prompts, max_new_tokens=max_new_tokens, pad_token_id=pad_id, stop_ids=stop)
+        generated = greedy_generate(model, prompts, max_new_tokens=max_new_tokens, pad_token_id=pad_id, stop_ids=stop,
+                                    images=[te.image_inputs for te in chunk])
         for te, ids in zip(chunk, generated):
             hits += exact_match(tokenizer.decode(ids, skip_special_tokens=True), _reference(tokenizer, te))
     return hits / len(examples)

@@ -6,6 +6,8 @@ loop, the ``loss`` metric, and loading a model directory. The metrics are descri
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -22,7 +24,9 @@ from merit_core.evaluate.inputs import model_device, pad_token_id
 from merit_core.evaluate.table import EvalRow, EvalTable
 from merit_core.precision import bf16_autocast
 
-__all__ = ["evaluate_dir", "evaluate_model", "source_loss"]
+__all__ = ["check_vocab_fits", "evaluate_dir", "evaluate_model", "source_loss"]
+
+logger = logging.getLogger("merit")
 
 
 @torch.no_grad()
@@ -118,6 +122,10 @@ def _evaluate_source(model, tokenizer, source: str, examples: list[TokenizedExam
     if not examples:
         return row
     row.loss, row.n_tokens = source_loss(model, examples, batch_size, pad_id)
+    if row.loss is not None and not math.isfinite(row.loss):
+        note = f"non-finite held-out loss ({row.loss}) on source {source!r}: the model's logits overflow or are NaN"
+        logger.warning("%s: %s", getattr(model, "name_or_path", "") or "model", note)
+        row.warnings.append(note)
     if generate:
         row.exact_match = exact_match_rate(model, tokenizer, examples, batch_size, max_new_tokens, pad_id,
                                            chat_template)
@@ -143,26 +151,67 @@ def source_loss(model, examples: Sequence[TokenizedExample], batch_size: int, pa
     return (total / count if count else None), count
 
 
+def check_vocab_fits(model: torch.nn.Module, tokenizer, heldout: Mapping[str, Sequence[TokenizedExample]],
+                     where: str) -> None:
+    """Refuse a model whose input embedding has fewer rows than its tokenizer has tokens,
+    or than the largest token id of the held-out data (an id past the last row would
+    fail deep inside the embedding with an ``IndexError``).
+
+    Args:
+        model: a causal LM with ``get_input_embeddings()`` (a (rows, hidden) table).
+        tokenizer: the tokenizer saved with it (``len(tokenizer)`` tokens).
+        heldout: source name -> tokenized examples (ids of θ(0)'s tokenizer).
+        where: the model directory, for the message.
+
+    Raises:
+        ModelDirError: naming ``where``, the two sizes and, for the data, the source.
+    """
+    from merit_core.models import ModelDirError
+
+    rows = int(model.get_input_embeddings().weight.shape[0])
+    if len(tokenizer) > rows:
+        raise ModelDirError(f"model directory {where}: its tokenizer has {len(tokenizer)} tokens but the model's "
+                            f"embedding has only {rows} rows; the tokenizer does not belong to these weights "
+                            "(resize the embeddings, or save the matching tokenizer)")
+    for source, examples in heldout.items():
+        top = max((max(e.input_ids, default=-1) for e in examples), default=-1)
+        if top >= rows:
+            raise ModelDirError(f"model directory {where}: held-out data of source {source!r} uses token id {top}, "
+                                f"but the model's embedding has only {rows} rows (a different tokenizer than "
+                                "the run's θ(0))")
+
+
 def evaluate_dir(
     model_dir: str | os.PathLike,
     heldout: Mapping[str, Sequence[TokenizedExample]],
     *,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
+    trust_remote_code: bool = False,
     **kwargs,
 ) -> EvalTable:
-    """Load a Hugging Face model directory (model + tokenizer, ``trust_remote_code=False``)
-    and run :func:`evaluate_model` on it; ``kwargs`` go to :func:`evaluate_model`.
+    """Load a Hugging Face model directory (model + tokenizer) and run
+    :func:`evaluate_model` on it; ``kwargs`` go to :func:`evaluate_model`.
 
     Args:
         device: where to run (default: cuda if available, else cpu).
         dtype: load dtype (default: the checkpoint's own).
+        trust_remote_code: run model code shipped with the directory
+            (``model.trust_remote_code``).
+
+    Raises:
+        ModelDirError: the tokenizer or the held-out token ids do not fit the model's
+            embedding (:func:`check_vocab_fits`).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from merit_core.vlm import auto_model_class
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=False, dtype=dtype or "auto")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    model = auto_model_class(model_dir).from_pretrained(model_dir, trust_remote_code=trust_remote_code,
+                                                        dtype=dtype or "auto")
+    check_vocab_fits(model, tokenizer, heldout, str(model_dir))
     model.to(device)
     kwargs.setdefault("name", str(model_dir))
     return evaluate_model(model, tokenizer, heldout, **kwargs)

@@ -29,6 +29,8 @@ class EvalRow(BaseModel):
         mc_accuracy: fraction in [0, 1] of multiple-choice examples whose highest summed
             log-likelihood option is the correct one.
         mc_accuracy_norm: the same with length-normalised scores.
+        warnings: what is wrong with this row's figures (e.g. a non-finite loss), shown
+            under the table.
     """
 
     source: str
@@ -39,6 +41,7 @@ class EvalRow(BaseModel):
     exact_match: float | None = None
     mc_accuracy: float | None = None
     mc_accuracy_norm: float | None = None
+    warnings: list[str] = Field(default_factory=list)
 
 
 class EvalTable(BaseModel):
@@ -79,6 +82,7 @@ class EvalTable(BaseModel):
             name = f"**{r.source}**" if r is self.mean else r.source
             cells = [name, str(r.n), *(_fmt(getattr(r, m), digits) for m in metrics)]
             lines.append("| " + " | ".join(cells) + " |")
+        lines += [f"\n**Warning** ({self.model or 'model'}): {w}" for r in self.rows for w in r.warnings]
         return "\n".join(lines)
 
 

@@ -1,15 +1,19 @@
 """Streaming one-shot merge of fine-tuned branches (MERIT spec step 5).
 
 Each operator is one small module with the maths for a single tensor
-(``merge_tensor(tensors, weights, base, **kw) -> Tensor``, float32 in and out) that
-declares itself in :mod:`merit_core.merge.registry` (θ(0) needed or not, weight
-policy, hyper-parameters); :data:`MERGE_METHODS` maps names to them and
-:func:`register` adds new ones. File handling (lazy reading, sharded writing) lives in
-:mod:`merit_core.merge.io`.
+(``merge_tensor(tensors, weights, base, **kw) -> Tensor``) that declares itself in
+:mod:`merit_core.merge.registry` (θ(0) needed or not, weight policy, hyper-parameters,
+elementwise or not); :data:`MERGE_METHODS` maps names to them and :func:`register` adds
+new ones. Files are read by :mod:`merit_core.merge.io` (positioned reads, no memory
+maps) and written by :mod:`merit_core.merge.shards` (streamed, sha256 while writing);
+:mod:`merit_core.merge.stream` runs the loop between them.
 
-:func:`merge_checkpoints` streams one tensor name at a time from every input, so peak
-memory is about one output shard plus K float32 copies of one tensor, independent of
-K × model size.
+The default ``token_weighted`` merge is θ̄ = Σ_k N_k θ_k / Σ_k N_k (paper §3.4): summed
+in float64, divided once and rounded once, so a bfloat16/float16 result is the correctly
+rounded float64 mean in every element. Its peak memory (and that of the other
+elementwise operators: ``uniform``, ``task_arithmetic``) is a fixed budget of a few
+hundred MB, independent of model size and K; ``ties`` and ``dare`` hold one whole
+tensor of every input at a time.
 """
 
 from __future__ import annotations
@@ -26,12 +30,10 @@ from typing import Any
 
 import torch
 
-from merit_core.store.manifest import MANIFEST_NAME, write_manifest
 from merit_core.merge import dare, task_arithmetic, ties, token_weighted, uniform  # noqa: F401 (they register)
 from merit_core.merge.io import (
     Checkpoint,
     MergeError,
-    ShardWriter,
     TensorInfo,
     copy_side_files,
     is_output_embedding,
@@ -43,6 +45,9 @@ from merit_core.merge.registry import (
     hyperparameters,
     register,
 )
+from merit_core.merge.shards import ShardWriter
+from merit_core.merge.stream import MergeJob, stream_merge
+from merit_core.store.manifest import MANIFEST_NAME, write_manifest
 
 __all__ = ["MERGE_METHODS", "MergeError", "MergeMethod", "get_method", "merge_checkpoints", "register"]
 
@@ -87,22 +92,24 @@ def merge_checkpoints(
     """
     spec = get_method(method)
     output = Path(output)
-    w, settings = _check_arguments(spec, inputs, weights, output, base, hyperparams)
+    job = _check_arguments(spec, inputs, weights, output, base, hyperparams)
     ckpts = [Checkpoint(p) for p in inputs]
     base_ckpt = Checkpoint(base) if spec.needs_base else None
     infos = _check_compatible(ckpts, base_ckpt)
 
     tmp = output.parent / f".{output.name}.merging-{uuid.uuid4().hex[:8]}"
+    writer = None
     try:
         tmp.mkdir(parents=True)
         writer = ShardWriter(tmp, infos, max_shard_size)
-        for name, info in infos.items():
-            writer.add(name, _merge_one(spec, name, info, ckpts, base_ckpt, w, settings))
+        stream_merge(job, ckpts, base_ckpt, writer)
         record = {"weight_files": writer.close(), "copied_files": copy_side_files(ckpts[0].path, tmp),
-                  **_merge_record(spec, weights, w, settings, ckpts, base_ckpt)}
+                  **_merge_record(spec, weights, job.weights, job.settings, ckpts, base_ckpt)}
         write_manifest(tmp, metadata={"merge": record, **(metadata or {})})
         _replace_dir(tmp, output)
     except BaseException:
+        if writer is not None:
+            writer.abort()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log.info("merged %d inputs with %s into %s", len(ckpts), method, output)
@@ -116,19 +123,19 @@ def _check_arguments(
     output: Path,
     base: str | os.PathLike | None,
     hyperparams: dict[str, int | float],
-) -> tuple[torch.Tensor, dict[str, int | float]]:
-    """Refuse bad arguments before any file is opened; return the K float64 weights
-    and the operator's hyper-parameter values (:meth:`MergeMethod.settings`)."""
+) -> MergeJob:
+    """Refuse bad arguments before any file is opened; return the operator with its
+    weights (normalised and as given) and hyper-parameter values (:meth:`MergeMethod.settings`)."""
     if len(inputs) == 0:
         raise MergeError("merge_checkpoints needs at least one input")
-    w = _normalise_weights(weights, len(inputs), spec)
+    counts = _counts(weights, len(inputs), spec)
     if spec.needs_base and base is None:
         raise MergeError(f"merge method {spec.name!r} works on task vectors θ_k − θ(0) and needs base=θ(0)")
     settings = spec.settings(hyperparams)
     for p in [*inputs, *([base] if spec.needs_base else [])]:
         if Path(p).exists() and output.exists() and Path(p).resolve() == output.resolve():
             raise MergeError(f"output {output} is also an input; choose another output directory")
-    return w, settings
+    return MergeJob(spec, counts / counts.sum(), counts, settings)
 
 
 def _merge_record(spec: MergeMethod, weights: Sequence[float] | None, w: torch.Tensor,
@@ -146,21 +153,44 @@ def _merge_record(spec: MergeMethod, weights: Sequence[float] | None, w: torch.T
     }
 
 
-def _normalise_weights(weights: Sequence[float] | None, k: int, spec: MergeMethod) -> torch.Tensor:
-    """The K float64 merge weights (summing to 1) under ``spec``'s weight policy."""
+def _counts(weights: Sequence[float] | None, k: int, spec: MergeMethod) -> torch.Tensor:
+    """The K positive float64 weights before normalisation under ``spec``'s weight
+    policy: the given ones (token counts N_k for ``tokens``), or ones (``uniform``, or
+    no weights given)."""
     if weights is None:
         if spec.weights == "tokens":
             raise MergeError(f"{spec.name} needs weights: the trained token count N_k of every input")
-        return torch.full((k,), 1.0 / k, dtype=torch.float64)
+        return torch.ones(k, dtype=torch.float64)
     if len(weights) != k:
         raise MergeError(f"got {len(weights)} weights for {k} inputs")
     for i, x in enumerate(weights):
         if not (math.isfinite(float(x)) and float(x) > 0):
             raise MergeError(f"weight {i} is {x}; weights must be positive and finite")
     if spec.weights == "uniform":
-        return torch.full((k,), 1.0 / k, dtype=torch.float64)
-    w = torch.tensor([float(x) for x in weights], dtype=torch.float64)
-    return w / w.sum()
+        return torch.ones(k, dtype=torch.float64)
+    return _power_of_two_scaled([float(x) for x in weights])
+
+
+def _power_of_two_scaled(weights: list[float]) -> torch.Tensor:
+    """``weights`` times the power of two that brings the largest into [0.5, 1), float64.
+
+    Scaling by a power of two is exact, so the merged values are unchanged bit for bit,
+    while Σ w_k and w_k θ_k can no longer overflow (weights of 1e308 would otherwise sum
+    to inf and give an all-zero model).
+
+    Raises:
+        MergeError: a weight that underflows to zero or a subnormal after the scaling
+            (a ratio to the largest weight below about 2^-1021): it would be ignored.
+    """
+    _, exp = math.frexp(max(weights))
+    scaled = [math.ldexp(x, -exp) for x in weights]
+    for i, (x, y) in enumerate(zip(weights, scaled)):
+        if y < 2.0 ** -1021:
+            raise MergeError(
+                f"weight {i} is {x}: negligible next to the largest weight {max(weights)} "
+                "(ratio below 2^-1021); drop that input or use comparable weights"
+            )
+    return torch.tensor(scaled, dtype=torch.float64)
 
 
 def _check_compatible(ckpts: list[Checkpoint], base: Checkpoint | None) -> dict[str, TensorInfo]:
@@ -208,48 +238,6 @@ def _check_compatible(ckpts: list[Checkpoint], base: Checkpoint | None) -> dict[
             elif o.dtype != info.dtype:
                 raise MergeError(f"tensor {n!r} has dtype {o.dtype} in input {c.path} but {info.dtype} in {first.path}")
     return ref
-
-
-def _all_finite(t: torch.Tensor) -> bool:
-    """No NaN/Inf in ``t``. Fast path: a (vectorised) sum is finite iff every entry is,
-    unless the sum overflows — then the exact elementwise check decides."""
-    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
-
-
-def _load(c: Checkpoint, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Read one tensor (cast to ``dtype`` if given) and refuse NaN/Inf."""
-    t = c.read(name)
-    if dtype is not None:
-        t = t.to(dtype)
-    if t.dtype.is_floating_point and not _all_finite(t):
-        bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
-        raise MergeError(f"tensor {name!r} of input {c.path} contains {bad}")
-    return t
-
-
-def _merge_one(
-    spec: MergeMethod,
-    name: str,
-    info: TensorInfo,
-    ckpts: list[Checkpoint],
-    base: Checkpoint | None,
-    w: torch.Tensor,
-    settings: dict[str, int | float],
-) -> torch.Tensor:
-    """Merge tensor ``name`` of every input: accumulate in float32, return the inputs' dtype."""
-    if not info.dtype.is_floating_point:  # integer/bool buffers cannot be averaged: must agree
-        tensors = [_load(c, name) for c in ckpts]
-        for c, t in zip(ckpts[1:], tensors[1:]):
-            if not torch.equal(t, tensors[0]):
-                raise MergeError(f"non-float tensor {name!r} differs between {ckpts[0].path} and input {c.path}")
-        return tensors[0]
-    acc = torch.float64 if info.dtype == torch.float64 else torch.float32
-    tensors = [_load(c, name, acc) for c in ckpts]
-    b = _load(base, name, acc) if base is not None else None
-    merged = spec(tensors, w, b, name=name, **settings).to(info.dtype)
-    if not _all_finite(merged):
-        raise MergeError(f"merged tensor {name!r} is not finite in {info.dtype} (overflow; lower scale?)")
-    return merged
 
 
 def _manifest_sha(path: Path) -> str | None:

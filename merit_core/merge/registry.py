@@ -2,7 +2,9 @@
 
 Every operator module declares itself with :func:`register`: its name, whether it works
 on task vectors and so needs θ(0) (``needs_base``), its weight policy and its
-hyper-parameters (:class:`HyperParam`: name, type, default, valid range). The merge
+hyper-parameters (:class:`HyperParam`: name, type, default, valid range) and whether it
+is elementwise (then it is applied to blocks of elements, so a large tensor is never held
+whole). The merge
 (:func:`merit_core.merge.merge_checkpoints`) and the config
 (:class:`merit_core.config.MergeConfig`) both ask this registry, so an operator
 registered here is reachable from a config with no other change.
@@ -82,12 +84,20 @@ class HyperParam:
 @dataclass(frozen=True)
 class MergeMethod:
     """A registered operator: ``fn(tensors, weights, base, name=..., **hyperparams)``
-    merges one tensor (K float32 tensors of one shape, float64 weights of shape (K,),
-    θ(0)'s tensor or ``None``) into one float32 tensor of that shape.
+    merges one tensor (K float32 tensors of one shape, float64 weights w of shape (K,)
+    summing to 1, θ(0)'s tensor or ``None``) into one float32 tensor of that shape
+    (float64 throughout for float64 checkpoints).
 
     ``needs_base``: the operator works on task vectors θ_k − θ(0) and requires ``base``.
     ``weights``: the weight policy (module docstring). ``hyperparams``: what ``fn``
     takes as keywords besides ``name`` (the tensor name).
+    ``elementwise``: every output element depends only on the same element of the
+    inputs. Such an operator is called on flat float64 blocks of a tensor (any length,
+    the same elements of every input and θ(0); the input blocks are scratch that it may
+    overwrite and return) and gets one more keyword, ``counts``: the K weights before
+    normalisation (float64, (K,); all ones under the ``uniform`` policy or when none are
+    given), so that it can form Σ_k c_k θ_k and divide by Σ_k c_k once. Its float64 result is rounded once to the checkpoint's dtype. It must let
+    NaN/Inf inputs through to its result (they are detected there).
     """
 
     name: str
@@ -95,6 +105,7 @@ class MergeMethod:
     needs_base: bool = False
     weights: WeightPolicy = "given"
     hyperparams: tuple[HyperParam, ...] = ()
+    elementwise: bool = False
 
     def __call__(self, tensors: list[torch.Tensor], weights: torch.Tensor, base: torch.Tensor | None = None,
                  **kw: Any) -> torch.Tensor:
@@ -146,10 +157,11 @@ def get_method(name: str) -> MergeMethod:
 
 
 def register(name: str, *, needs_base: bool = False, weights: WeightPolicy = "given",
-             hyperparams: tuple[HyperParam, ...] = ()) -> Callable[[Callable[..., torch.Tensor]],
-                                                                    Callable[..., torch.Tensor]]:
+             hyperparams: tuple[HyperParam, ...] = (), elementwise: bool = False
+             ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Decorator adding a per-tensor operator to :data:`MERGE_METHODS` under ``name``
-    (replacing one of that name); the function is returned unchanged.
+    (replacing one of that name); the function is returned unchanged. ``elementwise``:
+    see :class:`MergeMethod`.
 
     Raises:
         ValueError: an unknown weight policy, a reserved hyper-parameter name, or a
@@ -167,7 +179,7 @@ def register(name: str, *, needs_base: bool = False, weights: WeightPolicy = "gi
                                  f"operator {other.name!r} ({theirs}); reuse that declaration")
 
     def deco(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-        MERGE_METHODS[name] = MergeMethod(name, fn, needs_base, weights, tuple(hyperparams))
+        MERGE_METHODS[name] = MergeMethod(name, fn, needs_base, weights, tuple(hyperparams), elementwise)
         return fn
 
     return deco

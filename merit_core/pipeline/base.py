@@ -10,6 +10,7 @@ from merit_core.models import model_sha256, resolve_model_source
 from merit_core.pipeline.layout import base_model_key
 from merit_core.refs import ModelRef
 from merit_core.store import ArtifactStore, default_cache_dir
+from merit_core.store.objects import intact_dir
 
 
 def prepare_base(cfg: MeritConfig, store: ArtifactStore) -> ModelRef:
@@ -26,7 +27,7 @@ def prepare_base(cfg: MeritConfig, store: ArtifactStore) -> ModelRef:
     local = Path(resolve_model_source(cfg.model, default_cache_dir() / "models"))
     sha = model_sha256(local)
     key = base_model_key(sha)
-    if not store.is_complete(key):
+    if not intact_dir(store, key):  # missing, or damaged: committed again
         staging = store.staging_dir(key)
         for p in local.iterdir():
             if p.is_file() and p.name != "manifest.json":
@@ -35,8 +36,17 @@ def prepare_base(cfg: MeritConfig, store: ArtifactStore) -> ModelRef:
     return ModelRef(key=key, uri=store.uri_for(key), sha256=sha, label="base")
 
 
-def load_base_tokenizer(store: ArtifactStore, base: ModelRef):
-    """The tokenizer stored with θ(0) (``transformers.AutoTokenizer``)."""
+def load_base_tokenizer(store: ArtifactStore, base: ModelRef, trust_remote_code: bool = False):
+    """The tokenizer stored with θ(0) (``transformers.AutoTokenizer``; ``trust_remote_code``
+    runs tokenizer code shipped with the model, ``model.trust_remote_code``)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(store.fetch_dir(base.key))
+    return AutoTokenizer.from_pretrained(store.fetch_dir(base.key), trust_remote_code=trust_remote_code)
+
+
+def load_base_processor(store: ArtifactStore, base: ModelRef, trust_remote_code: bool = False):
+    """The processor stored with θ(0) (``transformers.AutoProcessor``), or None for a text
+    model (:func:`merit_core.vlm.load_processor`)."""
+    from merit_core.vlm import load_processor
+
+    return load_processor(store.fetch_dir(base.key), trust_remote_code=trust_remote_code)

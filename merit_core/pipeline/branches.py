@@ -17,6 +17,7 @@ from merit_core.pipeline.layout import branch_checkpoints_prefix, branch_key, ch
 from merit_core.pipeline.mixture import load_split
 from merit_core.refs import BranchRef, BranchTiming, MixtureRef, ModelRef, write_examples
 from merit_core.store import ArtifactStore, StoreError, default_cache_dir
+from merit_core.store.objects import intact_dir
 from merit_core.train import ProgressHook, check_train_setup, resolve_nproc, run_distributed_branch
 from merit_core.train import train_branch as run_trainer
 
@@ -61,7 +62,7 @@ def train_branch(cfg: MeritConfig, store: ArtifactStore, base: ModelRef, mixture
         merit_core.train.TrainError: training failed.
     """
     key = branch_key(run_id, label, index)
-    if store.is_complete(key):
+    if intact_dir(store, key):  # a damaged θ_k is trained again
         logger.info("branch %s/%d already complete in the store; reusing it", label, index)
         return read_branch(store, key)
     examples: list[TokenizedExample] = []
@@ -83,14 +84,14 @@ def train_branch(cfg: MeritConfig, store: ArtifactStore, base: ModelRef, mixture
     out = store.staging_dir(key)
     nproc = resolve_nproc(cfg.train.nproc_per_node)
     check_train_setup(cfg.train, nproc)
+    load = {"dtype": cfg.model.dtype, "trust_remote_code": cfg.model.trust_remote_code, "on_progress": on_progress,
+            "trainable": cfg.model.trainable}
     if nproc > 1 or cfg.train.deepspeed:  # elastic launcher (DDP / DeepSpeed ZeRO, which needs its env even on 1 GPU)
         write_examples(work / "examples.jsonl", examples)
         stats = run_distributed_branch(base_dir, work / "examples.jsonl", out, cfg.train, nproc=nproc,
-                                       checkpoint_dir=ckpt_dir, dtype=cfg.model.dtype, on_checkpoint=upload,
-                                       on_progress=on_progress)
+                                       checkpoint_dir=ckpt_dir, on_checkpoint=upload, **load)
     else:
-        stats = run_trainer(base_dir, examples, out, cfg.train, checkpoint_dir=ckpt_dir,
-                            dtype=cfg.model.dtype, on_checkpoint=upload_then, on_progress=on_progress)
+        stats = run_trainer(base_dir, examples, out, cfg.train, checkpoint_dir=ckpt_dir, on_checkpoint=upload_then, **load)
     ref = BranchRef(index=index, label=label, key=key, uri=store.uri_for(key), sources=sorted(sources),
                     **stats.model_dump())
     store.commit_dir(key, out, metadata={"kind": "branch", "branch": ref.model_dump()})

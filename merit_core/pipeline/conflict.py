@@ -27,7 +27,8 @@ from merit_core.pipeline.layout import sketch_key
 from merit_core.pipeline.mixture import load_split
 from merit_core.precision import default_device, resolve_bf16
 from merit_core.refs import ConflictMatrix, GradientPlan, ModelRef, SketchRef, SourceInfo
-from merit_core.store import ArtifactStore
+from merit_core.store import ArtifactStore, CorruptArtifactError, ObjectNotFoundError
+from merit_core.store.objects import delete_checked_file, get_checked_file, has_checked_file, put_checked_file
 
 logger = logging.getLogger("merit")
 
@@ -57,7 +58,8 @@ def source_gradients(cfg: MeritConfig, store: ArtifactStore, base: ModelRef, sou
     θ(0) is loaded at most once (not at all when every sketch is stored already).
 
     A sketch in the store for the same model, source content and settings is reused
-    (adding sources costs only their own gradients). Each computed sketch is committed
+    (adding sources costs only their own gradients) once it passes verification
+    (:func:`load_sketch`); a damaged one is recomputed with a warning naming its key. Each computed sketch is committed
     as soon as it is done, so a batch that fails part way keeps what it finished and a
     retry computes only the rest. The model is left unchanged after every source
     (:func:`merit_core.conflict.source_gradient`), so for a given torch thread count a
@@ -80,8 +82,9 @@ def source_gradients(cfg: MeritConfig, store: ArtifactStore, base: ModelRef, sou
     todo: list[tuple[SourceInfo, str]] = []
     for source in sources:
         key = source_sketch_key(cfg, base, source)
-        if store.exists(key):
-            refs[source.name] = _stored_ref(store, key, source.name, cached=True)
+        stored = _verified_sketch(store, key, source.name)
+        if stored is not None:
+            refs[source.name] = SketchRef(source=source.name, key=key, dim=int(stored.shape[0]), cached=True)
             logger.info("source %s: reusing cached source gradient %s", source.name, key)
         else:
             todo.append((source, key))
@@ -108,8 +111,9 @@ def plan_source_gradients(cfg: MeritConfig, store: ArtifactStore, base: ModelRef
     cached, todo = [], []
     for source in sources:
         key = source_sketch_key(cfg, base, source)
-        if store.exists(key):
-            cached.append(_stored_ref(store, key, source.name, cached=True))
+        stored = _verified_sketch(store, key, source.name)
+        if stored is not None:
+            cached.append(SketchRef(source=source.name, key=key, dim=int(stored.shape[0]), cached=True))
         else:
             todo.append(source)
     by_tokens = all(s.calibration_tokens > 0 for s in todo)
@@ -126,9 +130,10 @@ def collect_source_gradients(cfg: MeritConfig, store: ArtifactStore, base: Model
 
     Raises:
         SketchStoreError: a sketch is missing (names the sources and keys).
+        CorruptArtifactError: a sketch fails verification (names its key).
     """
     keys = [(s.name, source_sketch_key(cfg, base, s)) for s in sources]
-    missing = [f"{name} ({key})" for name, key in keys if not store.exists(key)]
+    missing = [f"{name} ({key})" for name, key in keys if not has_checked_file(store, key)]
     if missing:
         raise SketchStoreError(f"{len(missing)} source gradient sketch(es) missing from store {store.uri}: "
                                + ", ".join(missing))
@@ -141,6 +146,25 @@ class SketchStoreError(RuntimeError):
 
 def _stored_ref(store: ArtifactStore, key: str, name: str, cached: bool) -> SketchRef:
     return SketchRef(source=name, key=key, dim=int(load_sketch(store, key).shape[0]), cached=cached)
+
+
+def _verified_sketch(store: ArtifactStore, key: str, name: str) -> np.ndarray | None:
+    """The stored sketch at ``key`` if it is there and passes :func:`load_sketch`'s
+    checks, else None (to be recomputed). A damaged or missing sketch, or one stored
+    without a checksum (before checksums were written), is removed with a warning naming
+    the source and the key."""
+    if not has_checked_file(store, key):
+        if store.exists(key):
+            logger.warning("source %s: cached source gradient sketch %s has no checksum and cannot be verified; "
+                           "recomputing it", name, store.uri_for(key))
+            delete_checked_file(store, key)
+        return None
+    try:
+        return load_sketch(store, key)
+    except (CorruptArtifactError, ObjectNotFoundError) as e:  # damaged, or the object gone beside its checksum
+        logger.warning("source %s: cached source gradient sketch failed verification, recomputing it: %s", name, e)
+        delete_checked_file(store, key)
+        return None
 
 
 @contextmanager
@@ -178,15 +202,31 @@ def _compute_sketch(cfg: MeritConfig, store: ArtifactStore, model: torch.nn.Modu
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "sketch.npy"
         np.save(path, vec.astype(np.float32))
-        store.put_file(key, path)
+        put_checked_file(store, key, path)  # the object, then its checksum
     logger.info("source %s: computed source gradient sketch (dim %d) -> %s", source.name, vec.shape[0], key)
     return SketchRef(source=source.name, key=key, dim=int(vec.shape[0]), cached=False)
 
 
 def load_sketch(store: ArtifactStore, key: str) -> np.ndarray:
-    """One stored sketch: float32 array of shape (sketch dim,), read without pickle."""
+    """One stored sketch, verified: float32 array of shape (sketch dim,), read without
+    pickle after its bytes matched the checksum written with it
+    (:func:`merit_core.store.objects.get_checked_file`).
+
+    Raises:
+        ObjectNotFoundError: the sketch or its checksum is not in the store.
+        CorruptArtifactError: the bytes differ from the checksum, the file is not a
+            ``.npy`` array, or the array is not a finite 1-D float32 vector (names the key).
+    """
     with tempfile.TemporaryDirectory() as tmp:
-        return np.load(store.get_file(key, Path(tmp) / "sketch.npy"), allow_pickle=False)
+        path = get_checked_file(store, key, Path(tmp) / "sketch.npy")
+        try:
+            vec = np.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
+            raise CorruptArtifactError(f"sketch {store.uri_for(key)} is not a readable .npy array: {e}") from None
+    if vec.ndim != 1 or vec.dtype != np.float32 or vec.size == 0 or not np.isfinite(vec).all():
+        raise CorruptArtifactError(f"sketch {store.uri_for(key)} is not a finite 1-D float32 vector "
+                                   f"(shape {vec.shape}, dtype {vec.dtype})")
+    return vec
 
 
 def build_conflict_matrix(cfg: MeritConfig, store: ArtifactStore, sketches: Sequence[SketchRef]) -> ConflictMatrix:

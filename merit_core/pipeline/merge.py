@@ -11,6 +11,7 @@ from merit_core.merge import get_method, merge_checkpoints
 from merit_core.pipeline.layout import merged_key
 from merit_core.refs import BranchRef, ModelRef
 from merit_core.store import ArtifactStore
+from merit_core.store.objects import intact_dir
 
 
 def merge_branches(cfg: MeritConfig, store: ArtifactStore, base: ModelRef, branches: Sequence[BranchRef],
@@ -25,7 +26,7 @@ def merge_branches(cfg: MeritConfig, store: ArtifactStore, base: ModelRef, branc
         merit_core.merge.MergeError: the branches do not match (names, shapes, dtypes).
     """
     key = merged_key(run_id, label)
-    if store.is_complete(key):
+    if intact_dir(store, key):  # a damaged merged model is merged again
         return ModelRef(key=key, uri=store.uri_for(key), label=label)
     ordered = sorted(branches, key=lambda b: b.index)
     inputs = [store.fetch_dir(b.key) for b in ordered]

@@ -67,7 +67,10 @@ def metrics_markdown(tables: Mapping[str, dict]) -> str:
 
     ``tables``: model -> EvalTable dict. Returns "" when no metric has a value.
     """
-    return str(macro("metric_sections")(_sections(tables, HELDOUT_METRICS)))
+    out = str(macro("metric_sections")(_sections(tables, HELDOUT_METRICS)))
+    notes = [f"**Warning** ({model}): {w}" for model, t in tables.items() for r in t.get("rows", [])
+             for w in r.get("warnings", [])]
+    return "\n\n".join([out.rstrip(), *notes]) + "\n" if notes else out
 
 
 def fanout_overhead(branches: Mapping[str, Sequence[BranchRef]]) -> dict | None:

@@ -15,11 +15,15 @@ import os
 from pathlib import Path
 from typing import Any
 
+from merit_core.store.errors import CorruptArtifactError
+
 MANIFEST_NAME = "manifest.json"
 
 
-class ManifestError(RuntimeError):
-    """A directory has no manifest, or its files disagree with it (names the file)."""
+class ManifestError(CorruptArtifactError):
+    """A directory has no manifest, its manifest is unreadable, or its files disagree
+    with it (names the directory and the file). A :class:`CorruptArtifactError`, so the
+    command line reports it as one line naming the culprit."""
 
 
 def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
@@ -46,6 +50,32 @@ def sha256_file_cached(path: str | os.PathLike) -> str:
     return _sha256_of_version(str(p), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
 
 
+# sha256 of files whose writer computed it while writing, by file version (see remember_sha256).
+_KNOWN_SHA256: dict[tuple[int, int, int, int, int], str] = {}
+_KNOWN_LIMIT = 4096
+
+
+def _version(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def remember_sha256(path: str | os.PathLike, digest: str) -> None:
+    """Record the sha256 hex digest of a file its writer has just finished (computed
+    while writing), so that :func:`build_manifest` in this process does not read the
+    file back. The record is keyed by the file's version (device, inode, size, mtime,
+    ctime), so it survives a rename of the file or its directory and a file changed
+    afterwards is hashed again; the oldest records are dropped past 4096."""
+    _KNOWN_SHA256[_version(os.stat(path))] = digest
+    while len(_KNOWN_SHA256) > _KNOWN_LIMIT:
+        del _KNOWN_SHA256[next(iter(_KNOWN_SHA256))]
+
+
+def _manifest_sha256(path: Path) -> str:
+    """The sha256 of ``path``: the writer's record when there is one (remember_sha256),
+    else read from disk."""
+    return _KNOWN_SHA256.get(_version(path.stat())) or sha256_file(path)
+
+
 def list_files(directory: str | os.PathLike) -> list[str]:
     """Relative POSIX paths of all regular files under ``directory`` except the manifest."""
     root = Path(directory)
@@ -58,6 +88,9 @@ def list_files(directory: str | os.PathLike) -> list[str]:
 
 def build_manifest(directory: str | os.PathLike, metadata: dict[str, Any] | None = None) -> dict[str, Any]:
     """Hash every file of ``directory`` into a manifest dict, without writing it.
+
+    A file whose writer recorded its digest (:func:`remember_sha256`, e.g. the merge's
+    shards) is not read again.
 
     Args:
         directory: an existing directory whose files are all written.
@@ -74,7 +107,7 @@ def build_manifest(directory: str | os.PathLike, metadata: dict[str, Any] | None
     if not root.is_dir():
         raise FileNotFoundError(f"build_manifest: no directory {root}")
     files = {
-        rel: {"size": (root / rel).stat().st_size, "sha256": sha256_file(root / rel)}
+        rel: {"size": (root / rel).stat().st_size, "sha256": _manifest_sha256(root / rel)}
         for rel in list_files(root)
     }
     return {"files": files, "metadata": metadata or {}}
@@ -117,13 +150,29 @@ def is_complete(directory: str | os.PathLike) -> bool:
 def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
     """Load ``manifest.json`` of a directory.
 
+    Returns:
+        The manifest dict, checked to have the shape :func:`build_manifest` gives
+        (``files`` maps relative paths to ``size`` (int) and ``sha256`` (str)).
+
     Raises:
-        ManifestError: if the directory has no manifest (it is incomplete).
+        ManifestError: if the directory has no manifest (it is incomplete), or the
+            manifest is not valid JSON of that shape (names the file and what is wrong).
     """
     path = Path(directory) / MANIFEST_NAME
     if not path.is_file():
         raise ManifestError(f"{directory} is incomplete: it has no {MANIFEST_NAME}")
-    return json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise ManifestError(f"{path}: unreadable manifest, not valid JSON: {e}") from None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict):
+        raise ManifestError(f"{path}: unreadable manifest, expected an object with a 'files' object")
+    for rel, info in files.items():
+        if not (isinstance(info, dict) and isinstance(info.get("size"), int) and isinstance(info.get("sha256"), str)):
+            raise ManifestError(f"{path}: unreadable manifest, entry {rel!r} needs an integer 'size' and a "
+                                "string 'sha256'")
+    return manifest
 
 
 def verify_manifest(directory: str | os.PathLike, check_hashes: bool = True) -> dict[str, Any]:

@@ -58,7 +58,8 @@ def resolve_nproc(value: int | str) -> int:
 def run_distributed_branch(base_dir: str | os.PathLike, examples: str | os.PathLike, output_dir: str | os.PathLike,
                            cfg: TrainConfig, *, nproc: int, checkpoint_dir: str | os.PathLike, dtype: str = "float32",
                            on_checkpoint: Callable[[Path], None] | None = None,
-                           on_progress: ProgressHook | None = None) -> TrainStats:
+                           on_progress: ProgressHook | None = None, trust_remote_code: bool = False,
+                           trainable: str | list[str] = "all") -> TrainStats:
     """Train one branch on ``nproc`` local processes and return rank 0's stats.
 
     Args:
@@ -76,6 +77,8 @@ def run_distributed_branch(base_dir: str | os.PathLike, examples: str | os.PathL
             function or an instance of a module-level class).
         on_progress: called in this process (in a thread running in a copy of the
             caller's context) with each Trainer log of rank 0; it is not pickled.
+        trust_remote_code: run model code shipped with θ(0) (``model.trust_remote_code``).
+        trainable: ``model.trainable``; the other parameters stay frozen at θ(0).
 
     Without ``OMP_NUM_THREADS`` in the environment each rank of a multi-process branch
     uses one intra-op thread (torchrun's default) unless ``cfg.threads`` says otherwise.
@@ -104,7 +107,8 @@ def run_distributed_branch(base_dir: str | os.PathLike, examples: str | os.PathL
         try:
             with ProgressFollower(progress, on_progress):
                 results = elastic_launch(config, train_rank)(cfg, str(base_dir), str(examples), str(output_dir),
-                                                             str(checkpoint_dir), dtype, on_checkpoint, str(progress))
+                                                             str(checkpoint_dir), dtype, on_checkpoint, str(progress),
+                                                             trust_remote_code, trainable)
         except ChildFailedError as err:
             raise TrainError(f"distributed branch ({nproc} processes) failed:\n{err}") from err
     refused = [r for r in results.values() if isinstance(r, RankSetupFailure)]
@@ -115,7 +119,8 @@ def run_distributed_branch(base_dir: str | os.PathLike, examples: str | os.PathL
 
 def train_rank(cfg: TrainConfig, base_dir: str, examples: str, output_dir: str, checkpoint_dir: str, dtype: str,
                on_checkpoint: Callable[[Path], None] | None,
-               progress_path: str | None = None) -> TrainStats | RankSetupFailure:
+               progress_path: str | None = None, trust_remote_code: bool = False,
+               trainable: str | list[str] = "all") -> TrainStats | RankSetupFailure:
     """What every rank of :func:`run_distributed_branch` runs (``RANK``, ``WORLD_SIZE``
     and the rendezvous are set by the elastic agent); arguments as there. Rank 0 appends
     each Trainer log to ``progress_path`` (JSON Lines) and leaves logging it to the parent.
@@ -136,7 +141,8 @@ def train_rank(cfg: TrainConfig, base_dir: str, examples: str, output_dir: str, 
         result: TrainStats | RankSetupFailure = train_branch(
             base_dir, read_examples(examples), output_dir, cfg, checkpoint_dir=checkpoint_dir, dtype=dtype,
             on_checkpoint=on_checkpoint if rank == 0 else None,
-            on_progress=AppendProgress(progress_path) if rank == 0 and progress_path else None)
+            on_progress=AppendProgress(progress_path) if rank == 0 and progress_path else None,
+            trust_remote_code=trust_remote_code, trainable=trainable)
     except TrainSetupError as err:
         result = RankSetupFailure(rank=rank, message=str(err))
     # Leave together: a rank that exits while others still use the process group
