@@ -2,7 +2,9 @@
 step 4), in the mode ``run.branch_execution`` names:
 
 - ``local``: one ``merit-branch`` subflow run after another, in this process;
-- ``processes``: ``merit-branch`` subflow runs in a process pool on this machine;
+- ``processes``: ``merit-branch`` subflow runs, each in a process of its own on this
+  machine, ``run.max_parallel_branches`` at a time; a branch whose process dies is
+  started again and resumes from its newest checkpoint, the others carry on;
 - ``deployment``: one flow run of the deployment ``run.branch_deployment``
   (``merit-branch/process``, ``merit-branch/docker-gpu``, ``merit-branch/k8s-gpu``) per
   branch, so each runs on whatever worker of that pool is free.
@@ -16,10 +18,14 @@ store (the one thing parent and workers share), not from Prefect's result storag
 """
 
 import asyncio
+import concurrent.futures
+import contextvars
 import logging
 import os
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from datetime import datetime, timezone
 from uuid import UUID
 
@@ -31,7 +37,6 @@ from prefect.client.schemas.sorting import FlowRunSort
 from prefect.deployments import run_deployment
 from prefect.exceptions import FlowRunWaitTimeout, ObjectNotFound
 from prefect.flow_runs import wait_for_flow_run
-from prefect.futures import as_completed
 from prefect.runtime import flow_run
 from prefect.settings import PREFECT_API_URL
 from prefect.states import Scheduled
@@ -92,8 +97,8 @@ def run_branches(config: MeritConfig, base: ModelRef, mixture: MixtureRef, group
     if mode not in ("local", "processes", "deployment"):
         raise ValueError(f"run.branch_execution={mode!r}: use 'local', 'processes' or 'deployment'")
     _log_plan(config, mixture, groups, run_id, label)
-    args = [dict(config=config, base=base, mixture=mixture, sources=g, run_id=run_id, label=label, index=k)
-            for k, g in enumerate(groups)]
+    args = [{"config": config, "base": base, "mixture": mixture, "sources": g, "run_id": run_id, "label": label,
+             "index": k} for k, g in enumerate(groups)]
     progress = Progress(f"{label}: branches trained", len(groups))
     if mode == "deployment":
         return run_branches_on_deployment(config, base, mixture, groups, run_id, label, progress)
@@ -109,13 +114,44 @@ def run_branches(config: MeritConfig, base: ModelRef, mixture: MixtureRef, group
         per = max(1, (os.cpu_count() or 1) // workers)
         config = config.model_copy(update={"train": config.train.model_copy(update={"threads": per})})
         args = [{**a, "config": config} for a in args]
-    asked = [time.time()] * len(args)  # the pool's start-up counts as queueing
-    with ProcessPoolTaskRunner(max_workers=workers) as runner:
-        futures = [runner.submit(_branch_in_process, parameters=a) for a in args]
-        for _ in as_completed(futures):
+    asked = [time.time()] * len(args)  # the processes' start-up counts as queueing
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="merit-branch") as pool:
+        futures = [pool.submit(contextvars.copy_context().run, branch_in_own_process, a) for a in args]
+        for _ in concurrent.futures.as_completed(futures):
             progress.step()
         refs = [f.result() for f in futures]
     return _with_subflow_timings(refs, run_id, asked)
+
+
+BRANCH_PROCESS_ATTEMPTS = 3
+"""Tries of one branch whose process dies (killed, out of memory) with
+``run.branch_execution: processes``; each retry resumes from the branch's newest
+checkpoint in the store."""
+
+
+def branch_in_own_process(parameters: dict) -> BranchRef:
+    """Train one branch (``merit_branch(**parameters)``) in a process of its own (a
+    one-worker :class:`~prefect.task_runners.ProcessPoolTaskRunner`), so that a branch
+    whose process dies breaks no other branch's pool. A dead process is retried up to
+    :data:`BRANCH_PROCESS_ATTEMPTS` times in a fresh process; the branch resumes from its
+    newest checkpoint in the store (errors raised by the branch itself are not retried
+    here: the ``train-branch`` task has its own retries).
+
+    Raises:
+        BranchRunError: the branch's process died on every attempt.
+    """
+    name = branch_run_name(parameters["run_id"], parameters["label"], parameters["index"])
+    for attempt in range(1, BRANCH_PROCESS_ATTEMPTS + 1):
+        try:
+            with ProcessPoolTaskRunner(max_workers=1) as runner:
+                return runner.submit(_branch_in_process, parameters=parameters).result()
+        except BrokenProcessPool as err:
+            if attempt == BRANCH_PROCESS_ATTEMPTS:
+                raise BranchRunError(f"branch {name}: its process died on each of {attempt} attempts "
+                                     f"(last: {err})") from err
+            _logger().warning("branch %s: its process died (%s); starting it again (attempt %d of %d), from its "
+                              "newest checkpoint in the store", name, err, attempt + 1, BRANCH_PROCESS_ATTEMPTS)
+    raise AssertionError("unreachable")
 
 
 def _log_plan(config: MeritConfig, mixture: MixtureRef, groups: list[list[str]], run_id: str, label: str) -> None:
@@ -279,8 +315,8 @@ def run_branches_on_deployment(config: MeritConfig, base: ModelRef, mixture: Mix
     if not config.store.uri.startswith("s3://"):
         log.warning("store %s is a local directory: every worker of %s must see the same path "
                     "(use an s3:// store for workers on other machines)", config.store.uri, deployment)
-    common = dict(config=config.model_dump(mode="json"), base=base.model_dump(mode="json"),
-                  mixture=mixture.model_dump(mode="json"), run_id=run_id, label=label)
+    common = {"config": config.model_dump(mode="json"), "base": base.model_dump(mode="json"),
+              "mixture": mixture.model_dump(mode="json"), "run_id": run_id, "label": label}
     children: list[FlowRun] = []
     for index, group in enumerate(groups):
         child = start_branch(deployment, {**common, "sources": list(group), "index": index},

@@ -1,9 +1,8 @@
 """Flow ``merit`` (deployment ``merit/full``): Algorithm 1 of arXiv 2606.01717, top to bottom.
 
-Conflict estimation -> PCA split into K = 2^r groups -> one branch per group, trained
-with no communication (flows/branches.py) -> one-shot token-weighted merge -> evaluation
-and report. Every step is a Prefect task (tasks/) around one stage of merit_core.pipeline.
-"""
+Conflict estimation -> PCA split into K = 2^r groups -> one branch per group, trained with no
+communication (flows/branches.py) -> one-shot token-weighted merge -> evaluation and report.
+Every step is a Prefect task (tasks/) around one stage of merit_core.pipeline."""
 
 from prefect import flow, get_run_logger
 
@@ -11,7 +10,7 @@ from flows.branches import run_branches
 from flows.common import merit_run_name, resolve_config, run_id, stage_timer, tracked
 from flows.gradients import run_source_gradients
 from merit_core.config import MeritConfig
-from merit_core.refs import ModelRef, StageTiming
+from merit_core.refs import ModelRef
 from tasks import (
     conflict_task,
     evaluate_benchmarks_task,
@@ -23,6 +22,7 @@ from tasks import (
     resolve_mixture_task,
     split_task,
 )
+from tasks.resume import claim_run_task, finish_run_task
 
 
 @flow(name="merit", flow_run_name=merit_run_name, log_prints=True)
@@ -41,14 +41,13 @@ def merit(config_path: str | None = None, overrides: list[str] | None = None,
     """
     log = get_run_logger()
     config, config_source = resolve_config(config_path, overrides, config)
-    run = run_id(config.run.name)
-    timings: list[StageTiming] = []
-    stage = stage_timer(timings)
+    stage = stage_timer(timings := [])
 
     with stage("prepare base θ(0)"):
         base = prepare_base_task(config)
     with stage("resolve mixture"):
         mixture = resolve_mixture_task(config, base)
+    run = claim_run_task(config, base, mixture, run_id(config.run.name))  # or a dead run of this config (resume)
 
     # 1. Conflict estimation: g_t at θ(0) per source (cached), cosine matrix C.
     with stage("source gradients"):
@@ -96,5 +95,6 @@ def merit(config_path: str | None = None, overrides: list[str] | None = None,
                          tables=tables, branches=branches, timings=timings, benchmarks=benchmarks,
                          extra={"models": {k: v.model_dump() for k, v in models.items()},
                                 "config_source": config_source})
+    finish_run_task(config, run)  # its local work directories go
     log.info("report: %s", report["report_uri"])
     return report

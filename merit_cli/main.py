@@ -1,6 +1,8 @@
 """`merit` command line: run the pipeline, or one stage on existing artifacts.
 
-    merit run CONFIG [--set a.b=c ...]     the whole `merit` flow (Prefect, in-process)
+    merit run CONFIG [--set a.b=c ...]     the whole `merit` flow (Prefect, in-process); again after
+                                           a crash it continues the dead run (--resume RUN, --fresh)
+    merit gc CONFIG [--dry-run]            abandon dead unfinished runs: delete checkpoints, work dirs
     merit study CONFIG [--seeds N] [--first-seed I]  joint vs MERIT vs random split over seeds (flow `merit-study`)
     merit study-report FOLDER              rebuild a study report from the seed records in FOLDER
     merit mixture CONFIG                   print the resolved mixture
@@ -154,8 +156,21 @@ def _setup_logging() -> None:
 
 
 @app.command()
-def run(ctx: typer.Context, config: ConfigArg, set_: SetOpt = None) -> None:
-    """Run the whole MERIT pipeline (flow `merit`) and print the per-source table."""
+def run(
+    ctx: typer.Context,
+    config: ConfigArg,
+    set_: SetOpt = None,
+    resume: Annotated[str | None, typer.Option("--resume", help="Continue this unfinished run id "
+                                                  "(default: a dead unfinished run of the same config)")] = None,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Start a new run even if a dead one of this config "
+                                        "could be continued")] = False,
+) -> None:
+    """Run the whole MERIT pipeline (flow `merit`) and print the per-source table. Run again after a
+    crash, the same command continues the dead run (docs/reliability.md)."""
+    if resume and fresh:
+        raise typer.BadParameter("--resume and --fresh exclude each other", param_hint="--fresh")
+    if resume or fresh:
+        set_ = [*(set_ or []), f"run.resume={resume or 'never'}"]
     _load(config, set_)  # a bad config exits with code 2 before Prefect starts; the flow reads the file again
     _exit_on_sigterm()
     from flows.merit import merit
@@ -171,6 +186,25 @@ def run(ctx: typer.Context, config: ConfigArg, set_: SetOpt = None) -> None:
     typer.echo(f"report: {report['report_uri']}")
     if ui_url:
         typer.echo(f"Prefect UI: {ui_url}/runs/flow-run/{state.state_details.flow_run_id}")
+
+
+@app.command()
+def gc(
+    config: ConfigArg,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list what would be removed")] = False,
+    set_: SetOpt = None,
+) -> None:
+    """Abandon the dead unfinished runs in CONFIG's store: delete their branch checkpoints and
+    local work directories (their finished branches stay; they can no longer be resumed)."""
+    cfg = _load(config, set_)
+    _setup_logging()
+    from merit_core.pipeline.resume import collect_garbage
+    from tasks.store import run_store
+
+    runs = collect_garbage(run_store(cfg), dry_run=dry_run)
+    for r in runs:
+        typer.echo(f"{'would abandon' if dry_run else 'abandoned'} {r.run_id} ({r.status}, pid {r.pid} on {r.host})")
+    typer.echo(f"{len(runs)} dead run{'' if len(runs) == 1 else 's'}")
 
 
 @app.command()

@@ -184,6 +184,10 @@ class StoreConfig(StrictModel):
         "auto", description="S3 addressing: path for MinIO/Ceph, virtual or auto for AWS.")
     credentials_block: str | None = Field(None, description="Name of a Prefect AwsCredentials block; none = the "
                                           "AWS chain (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, profile, role).")
+    connect_timeout_s: float = Field(5.0, gt=0, description="S3: seconds to wait for a connection.")
+    read_timeout_s: float = Field(8.0, gt=0, description="S3: seconds to wait for an answer on an open connection.")
+    max_attempts: int = Field(3, ge=1, description="S3: tries per request (botocore's standard retries); an "
+                              "endpoint that never answers fails after about max_attempts × read_timeout_s.")
 
 
 class BaselinesConfig(StrictModel):
@@ -233,6 +237,9 @@ class RunConfig(StrictModel):
     branch_timeout_s: float | None = Field(
         None, gt=0, description="branch_execution=deployment: fail a branch flow run that has not finished "
         "after this many seconds (None: wait as long as it takes).")
+    resume: str = Field("auto", description="auto: continue a dead unfinished run of this config on this store "
+                        "(merit run again after a crash); never: always a new run (--fresh); or a run id to "
+                        "continue (--resume RUN_ID). docs/reliability.md.")
 
 
 class MeritConfig(StrictModel):

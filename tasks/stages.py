@@ -14,7 +14,7 @@ from prefect.artifacts import create_table_artifact
 
 from merit_core.benchmarks import BenchmarkSuite
 from merit_core.config import MeritConfig
-from merit_core.data import ChatTemplateError, DataError
+from merit_core.errors import is_user_error
 from merit_core.pipeline import reports
 from merit_core.pipeline.base import prepare_base
 from merit_core.pipeline.branches import collect_branches, train_branch
@@ -45,24 +45,20 @@ from merit_core.refs import (
     SketchRef,
     SourceInfo,
 )
-from merit_core.train import TrainSetupError
 from tasks.artifacts import TrainProgressArtifact, publish_branch, publish_run_report, publish_study_report
 from tasks.store import run_store
 
 
-def _retry_unless_setup_error(task, task_run, state) -> bool:
-    """Retry a failed branch unless it failed on a setting retries cannot fix."""
-    return not isinstance(state.result(raise_on_failure=False), TrainSetupError)
+def retry_unless_user_error(task, task_run, state) -> bool:
+    """Retry a failed task unless it failed on a user error
+    (:func:`merit_core.errors.is_user_error`: bad config or data, a missing model source,
+    settings this machine cannot train with, an S3 endpoint that did not answer within
+    ``store.*`` limits): the same input fails the same way. Transient failures retry."""
+    return not is_user_error(state.result(raise_on_failure=False))
 
 
-def _retry_unless_bad_input(task, task_run, state) -> bool:
-    """Retry a failed storage stage unless it failed on its input (a malformed source
-    line, a tokenizer without a chat template): the same input fails the same way."""
-    return not isinstance(state.result(raise_on_failure=False), (DataError, ChatTemplateError))
-
-
-STORAGE_RETRIES = dict(retries=2, retry_delay_seconds=[5, 20], retry_condition_fn=_retry_unless_bad_input)
-TRAIN_RETRIES = dict(retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=_retry_unless_setup_error)
+STORAGE_RETRIES = {"retries": 2, "retry_delay_seconds": [5, 20], "retry_condition_fn": retry_unless_user_error}
+TRAIN_RETRIES = {"retries": 2, "retry_delay_seconds": [10, 60], "retry_condition_fn": retry_unless_user_error}
 
 
 @task(name="prepare-base", **STORAGE_RETRIES)

@@ -5,6 +5,7 @@ finished branches back from the store."""
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -70,9 +71,7 @@ def train_branch(cfg: MeritConfig, store: ArtifactStore, base: ModelRef, mixture
     base_dir = store.fetch_dir(base.key)
 
     ckpt_prefix = branch_checkpoints_prefix(run_id, label, index)
-    work = default_cache_dir() / "work" / work_dir_name(run_id, label, index)
-    ckpt_dir = work / "checkpoints"
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    work, ckpt_dir = _work_dir(run_id, label, index)
     _restore_newest_checkpoint(store, ckpt_prefix, ckpt_dir)
 
     upload = CheckpointUpload(store, ckpt_prefix)
@@ -135,6 +134,16 @@ def _log_branch(ref: BranchRef) -> None:
                 "%s real tokens%s", ref.label, ref.index, len(ref.sources), ref.examples, ref.steps,
                 ref.trained_tokens, ref.train_loss, ref.wall_s, "–" if ref.real_token_fraction is None else
                 f"{ref.real_token_fraction:.1%}", " (packed)" if ref.packed else "")
+
+
+def _work_dir(run_id: str, label: str, index: int) -> tuple[Path, Path]:
+    """The branch's local work directory and its ``checkpoints`` dir (created); its
+    ``pid`` file names the process training the branch (for an operator, or a test
+    that kills it)."""
+    work = default_cache_dir() / "work" / work_dir_name(run_id, label, index)
+    (work / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (work / "pid").write_text(f"{os.getpid()}\n")
+    return work, work / "checkpoints"
 
 
 def _restore_newest_checkpoint(store: ArtifactStore, prefix: str, ckpt_dir: Path) -> None:

@@ -30,6 +30,7 @@ from merit_core.store.errors import (
     IncompleteArtifactError,
     ObjectNotFoundError,
     StoreError,
+    StoreUnreachableError,
 )
 from merit_core.store.keys import safe_key
 from merit_core.store.local import LocalStore
@@ -45,12 +46,23 @@ __all__ = [
     "ObjectNotFoundError",
     "S3Store",
     "StoreError",
+    "StoreUnreachableError",
     "TransferSettings",
     "default_cache_dir",
     "open_store",
     "safe_key",
     "set_session_provider",
 ]
+
+
+def transfer_settings(cfg: Any) -> TransferSettings:
+    """:class:`TransferSettings` with the S3 limits of ``cfg`` (a StoreConfig): seconds to
+    connect, seconds to wait for an answer, and attempts per request (botocore's own
+    retries); the defaults where ``cfg`` has none of them."""
+    default = TransferSettings()
+    return TransferSettings(connect_timeout=getattr(cfg, "connect_timeout_s", default.connect_timeout),
+                            read_timeout=getattr(cfg, "read_timeout_s", default.read_timeout),
+                            max_attempts=getattr(cfg, "max_attempts", default.max_attempts))
 
 
 def open_store(
@@ -63,8 +75,9 @@ def open_store(
     """The store named by ``cfg`` (a :class:`merit_core.config.StoreConfig`).
 
     ``s3://bucket/prefix`` -> :class:`S3Store`; ``file://...`` or a plain path ->
-    :class:`LocalStore`. Nothing is contacted here: S3 credentials are resolved on
-    first use — ``session`` (a ``boto3.Session``) if given, else the block named by
+    :class:`LocalStore`. S3 timeouts and attempts come from ``cfg`` (``connect_timeout_s``,
+    ``read_timeout_s``, ``max_attempts``) unless ``transfer`` is given. Nothing is
+    contacted here: S3 credentials are resolved on first use — ``session`` (a ``boto3.Session``) if given, else the block named by
     ``cfg.credentials_block`` through the registered session provider, else boto3's
     standard chain.
 
@@ -86,7 +99,7 @@ def open_store(
             session=session,
             credentials_block=cfg.credentials_block,
             cache_dir=cache_dir,
-            transfer=transfer,
+            transfer=transfer or transfer_settings(cfg),
         )
     if scheme in ("", "file"):
         return LocalStore(uri, cache_dir=cache_dir)

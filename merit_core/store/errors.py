@@ -19,3 +19,9 @@ class IncompleteArtifactError(ObjectNotFoundError):
 
 class CorruptArtifactError(StoreError):
     """A file of a committed artifact disagrees with its manifest (size or sha256)."""
+
+
+class StoreUnreachableError(StoreError):
+    """The S3 endpoint did not connect or did not answer within the configured limits
+    (``store.connect_timeout_s``, ``store.read_timeout_s``, ``store.max_attempts``);
+    botocore has already retried it. The message names the endpoint and the limits."""

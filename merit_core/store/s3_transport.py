@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from merit_core.store.errors import ObjectNotFoundError, StoreError
+from merit_core.store.errors import ObjectNotFoundError, StoreError, StoreUnreachableError
 from merit_core.store.local import tmp_sibling
 from merit_core.store.sessions import session_for_block, session_provider
 
@@ -38,14 +38,17 @@ class TransferSettings:
             exponential backoff with jitter on throttling, 5xx and connection errors).
         connect_timeout: seconds to wait for a TCP connection.
         read_timeout: seconds to wait for data on an open connection.
+
+    The defaults bound an endpoint that accepts connections but never answers to
+    3 × 8 s plus botocore's backoff (≤ 1 + 2 s): under 30 s (issue 15, point 8).
     """
 
     multipart_threshold: int = 64 * 1024 * 1024
     multipart_chunksize: int = 16 * 1024 * 1024
     max_concurrency: int = 4
-    max_attempts: int = 5
+    max_attempts: int = 3
     connect_timeout: float = 5.0
-    read_timeout: float = 30.0
+    read_timeout: float = 8.0
 
 
 def redact_url(url: str | None) -> str | None:
@@ -59,6 +62,20 @@ def redact_url(url: str | None) -> str | None:
             host = f"{host}:{parts.port}"
         return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
     return url
+
+
+def _unreachable_error_of(e: BaseException):
+    """The botocore connection or timeout error behind ``e`` (connect/read timeout, refused
+    or dropped connection), if any, following transfer wrappers' causes."""
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+    from botocore.exceptions import HTTPClientError
+
+    err: BaseException | None = e
+    for _ in range(5):
+        if err is None or isinstance(err, (BotoConnectionError, HTTPClientError)):
+            break
+        err = err.__cause__ or getattr(err, "last_exception", None)
+    return err if isinstance(err, (BotoConnectionError, HTTPClientError)) else None
 
 
 def _client_error_of(e: BaseException):
@@ -184,6 +201,15 @@ class S3Transport:
                 )
             if code == "NoSuchBucket":
                 return StoreError(f"{op} failed: bucket {self.bucket!r} does not exist (key {full_key!r})")
+        unreachable = _unreachable_error_of(e)
+        if unreachable is not None:
+            t = self.transfer
+            return StoreUnreachableError(
+                f"S3 endpoint {redact_url(self.endpoint_url) or 'AWS'} did not answer {op} for bucket "
+                f"{self.bucket!r}, key {full_key!r}: {type(unreachable).__name__}: {unreachable} "
+                f"({t.max_attempts} attempts, each with connect_timeout={t.connect_timeout:g} s and "
+                f"read_timeout={t.read_timeout:g} s; raise store.max_attempts, store.connect_timeout_s or "
+                "store.read_timeout_s for a slow endpoint)")
         return StoreError(
             f"S3 {op} failed for bucket {self.bucket!r}, key {full_key!r} "
             f"(endpoint {redact_url(self.endpoint_url) or 'AWS'}, up to {self.transfer.max_attempts} "

@@ -3,9 +3,10 @@ group's sources (MERIT spec step 4, Algorithm 1 line "fine-tune θ_k from θ(0)"
 
 Every branch uses the same hyper-parameters (TrainConfig), full fine-tuning with AdamW,
 no communication with other branches. Checkpoints (model, optimizer, scheduler, RNG
-state, step) are written every ``save_steps`` optimizer steps by the Trainer; a restarted
-branch resumes from the newest complete checkpoint with the same data order, so the
-result does not depend on whether it was interrupted.
+state, step, loss so far) are written every ``save_steps`` optimizer steps by the Trainer;
+a restarted branch resumes from the newest complete checkpoint with the same data order
+in every epoch (:mod:`merit_core.train.resumable`), so the weights and the reported loss
+do not depend on whether it was interrupted.
 
 Image-instruction examples (``image_inputs`` set) train on padded batches carrying their
 image inputs (never packed); a vision-language θ(0) loads with
@@ -107,8 +108,8 @@ def trained_token_count(examples: Sequence[TokenizedExample], cfg: TrainConfig) 
     per_epoch = sum(e.n_loss_tokens for e in examples)
     if cfg.max_steps and cfg.max_steps > 0:
         seen = cfg.max_steps * cfg.batch_size * cfg.gradient_accumulation_steps
-        return int(round(per_epoch * seen / max(1, len(examples))))
-    return int(round(per_epoch * cfg.epochs))
+        return round(per_epoch * seen / max(1, len(examples)))
+    return round(per_epoch * cfg.epochs)
 
 
 def newest_checkpoint(checkpoint_root: str | os.PathLike) -> Path | None:
@@ -178,7 +179,7 @@ def train_branch(base_dir: str | os.PathLike, examples: Sequence[TokenizedExampl
         TrainSetupError: no examples, DeepSpeed without CUDA, missing DeepSpeed config,
             ``cfg.batch_size`` not divisible by the process count.
     """
-    from transformers import Trainer
+    from merit_core.train.resumable import ResumableTrainer
 
     if not examples:
         raise TrainSetupError("train_branch: the branch has no training examples")
@@ -188,12 +189,12 @@ def train_branch(base_dir: str | os.PathLike, examples: Sequence[TokenizedExampl
     world = world_size()
     check_train_setup(cfg, world)
     collator = _collator(tokenizer, cfg, packed, images)
-    trainer = Trainer(model=model, args=_training_arguments(cfg, ckpt_root, world),
+    trainer = ResumableTrainer(model=model, args=_training_arguments(cfg, ckpt_root, world),
                       train_dataset=_ListDataset(examples), data_collator=collator,
                       callbacks=[*callbacks, *_upload_callbacks(on_checkpoint), progress_callback(on_progress)])
     resume_from, resumed_step = _resume_point(ckpt_root) if resume else (None, 0)
     started_at, t0 = time.time(), time.perf_counter()
-    out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)  # exact at any step
     wall = time.perf_counter() - t0
     model.config.use_cache = use_cache  # switched off for training by _load
     _save(trainer, tokenizer, output_dir, base_dir)
@@ -336,7 +337,7 @@ def _upload_callbacks(on_checkpoint: Callable[[Path], None] | None) -> list:
         return []
 
     class _Upload(TrainerCallback):
-        def on_save(self, args, state, control, **kwargs):  # noqa: D401 - HF signature
+        def on_save(self, args, state, control, **kwargs):
             if not state.is_world_process_zero:
                 return
             path = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{state.global_step}"
