@@ -77,7 +77,7 @@ SERVE_DIR=$(mktemp -d /tmp/merit-pip-mirror.XXXXXX)
 SERVER_PID=""
 cleanup() { [ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null; rm -rf "$SERVE_DIR"; }
 trap cleanup EXIT
-# prints PIP_FIND_LINKS / PIP_EXTRA_INDEX_URL / PIP_INDEX_URL / PIP_CONSTRAINT lines with the local
+# prints PIP_FIND_LINKS / PIP_EXTRA_INDEX_URL / PIP_INDEX_URL / PIP_CONSTRAINT / PIP_CERT_URL lines with the local
 # paths replaced by http://127.0.0.1:PORT/<n>/..., and links <n> -> the path in SERVE_DIR
 PORT=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 PIP_ARGS=$("$PY" - "$SERVE_DIR" "$PORT" <<'EOF'
@@ -91,7 +91,7 @@ out = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_ou
 for line in out.splitlines():  # e.g. global.find-links='/opt/wheels'
     key, _, val = line.partition("=")
     conf[key.split(".", 1)[-1]] = val.strip("'\"")
-for key in ("index-url", "extra-index-url", "find-links", "constraint"):
+for key in ("index-url", "extra-index-url", "find-links", "constraint", "cert"):
     env = os.environ.get("PIP_" + key.upper().replace("-", "_"))
     if env:
         conf[key] = env
@@ -105,12 +105,18 @@ def local(item: str) -> str:
     if not p.exists():
         return ""
     n += 1
+    if p.is_dir() and p.name == "simple":  # a PEP 503 index links ../../files/...: serve its parent
+        (serve / str(n)).symlink_to(p.resolve().parent)
+        return f"http://127.0.0.1:{port}/{n}/simple/"
     if p.is_dir():
         (serve / str(n)).symlink_to(p.resolve())
         return f"http://127.0.0.1:{port}/{n}/"
     (serve / str(n)).mkdir()
     (serve / str(n) / p.name).symlink_to(p.resolve())
     return f"http://127.0.0.1:{port}/{n}/{p.name}"
+cert = conf.get("cert")
+if cert and Path(cert).is_file():  # the CA bundle this machine's pip trusts (e.g. a TLS proxy's CA)
+    print(f"PIP_CERT_URL={local(cert)}")
 for key in ("index-url", "extra-index-url", "find-links", "constraint"):
     items = [u for u in (local(i) for i in conf.get(key, "").split()) if u]
     if items:
