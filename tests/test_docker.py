@@ -126,6 +126,7 @@ class Stack:
         self.tmp, self.endpoint = tmp, endpoint
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}/api"
+        (tmp / "logs").mkdir(exist_ok=True)
         self.procs = Procs(tmp / "logs")
         self.timings: dict[str, float] = {}
         self.bucket = f"merit-{uuid.uuid4().hex[:10]}"
