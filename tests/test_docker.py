@@ -18,6 +18,7 @@ in the image, the config or the pool.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -216,9 +217,13 @@ class Stack:
         return key.split("/")[2]
 
     def merged_sha(self, run_id: str) -> str:
-        manifest = self.json(f"merit/runs/{run_id}/merit/merged/manifest.json")
-        files = {f["path"]: f["sha256"] for f in manifest["files"]}
-        return files["model.safetensors"]
+        """sha256 of the merged model.safetensors, hashed here from the S3 object's bytes
+        and checked against the merged directory's manifest."""
+        key = f"merit/runs/{run_id}/merit/merged"
+        data = self.s3.get_object(Bucket=self.bucket, Key=f"{key}/model.safetensors")["Body"].read()
+        sha = hashlib.sha256(data).hexdigest()
+        assert self.json(f"{key}/manifest.json")["files"]["model.safetensors"]["sha256"] == sha
+        return sha
 
     def branch_runs(self, run_id: str) -> list:
         from prefect.client.orchestration import get_client
