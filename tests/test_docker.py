@@ -348,5 +348,6 @@ def test_unstartable_image_fails_the_parent_naming_the_image(stack):
     stack.timings["missing image: parent failed after"] = time.monotonic() - t0
     assert run.state.is_failed(), (run.state, stack.logs())
     message = run.state.message or ""
+    print(f"\nparent's error: {message}")
     assert f"image {MISSING_IMAGE}" in message and "merit-docker-cpu" in message, message
     assert "branch merit/0" in message and "Crashed" in message, message
