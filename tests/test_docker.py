@@ -50,12 +50,12 @@ KEY_ID, SECRET = "AKIAMERITDOCKER00001", "merit-docker-secret-never-baked"
 
 def _docker_unavailable() -> str | None:
     if shutil.which("docker") is None:
-        return "no docker CLI on PATH (apt-get install -y docker.io; docs/deployments.md, 'Docker')"
+        return "no docker CLI on PATH (bash scripts/docker-engine.sh; docs/deployments.md, section 9)"
     res = subprocess.run(["docker", "info", "--format", "{{.ServerVersion}}"], capture_output=True, text=True,
                          timeout=30, check=False)
     if res.returncode != 0:
         last = (res.stderr.strip().splitlines() or ["no output"])[-1]
-        return f"no Docker engine answers `docker info` ({last}); start dockerd (docs/deployments.md, 'Docker')"
+        return f"no Docker engine answers `docker info` ({last}); start one: bash scripts/docker-engine.sh (docs/deployments.md, section 9)"
     if importlib.util.find_spec("prefect_docker") is None:
         return "prefect-docker is not installed (pip install -e '.[docker]')"
     return None
