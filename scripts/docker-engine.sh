@@ -40,7 +40,7 @@ start() {  # extra dockerd args
   dockerd "$@" >>"$LOG" 2>&1 &
   echo $! >"$PIDFILE"
   for _ in $(seq 60); do
-    if v=$(answers); then echo "docker-engine: dockerd $* answers ($v) after $((SECONDS - T0)) s; log $LOG"; return 0; fi
+    if v=$(answers); then echo "docker-engine: dockerd${*:+ $*} answers ($v) after $((SECONDS - T0)) s; log $LOG"; return 0; fi
     kill -0 "$(cat "$PIDFILE")" 2>/dev/null || break
     sleep 0.5
   done
