@@ -180,6 +180,7 @@ def test_docker_cpu_template_defaults_to_the_local_image_on_host_network():
     t = json.loads((REPO / "deployments" / "docker-cpu.json").read_text())
     job = _render(t, {"env": {"OMP_NUM_THREADS": "1"}, "volumes": ["/srv/store:/srv/store"]})
     assert (job["image"], job["network_mode"], job["image_pull_policy"]) == ("merit-cpu:latest", "host", "IfNotPresent")
+    assert job["auto_remove"] is True  # finished branch containers leave nothing behind
     assert job["env"] == {"OMP_NUM_THREADS": "1"} and job["volumes"] == ["/srv/store:/srv/store"]
     assert _render(t, {"image": "merit-cpu:abc"})["image"] == "merit-cpu:abc"
 
