@@ -44,6 +44,7 @@ from prefect.task_runners import ProcessPoolTaskRunner
 from prefect.utilities.asyncutils import run_coro_as_sync
 
 from flows.common import BRANCH_RUN_NAME, run_logger
+from flows.infra import describe_infrastructure
 from merit_core.config import MeritConfig
 from merit_core.pipeline.branches import branch_timing
 from merit_core.refs import BranchRef, MixtureRef, ModelRef
@@ -287,8 +288,9 @@ def _failures(children: Sequence[FlowRun], final: dict[UUID, FlowRun], label: st
             errors.append(f"branch {label}/{index} (flow run {run.name}, {run.id}) did not finish within "
                           f"run.branch_timeout_s={timeout} s; it is {state.name if state else 'without state'}")
         elif not state.is_completed():
-            errors.append(f"branch {label}/{index} (flow run {run.name}, {run.id}) ended {state.name}: "
-                          f"{state.message or 'no message'}")
+            where = describe_infrastructure(run) if state.is_crashed() else ""  # e.g. an image that cannot start
+            errors.append(f"branch {label}/{index} (flow run {run.name}, {run.id}) ended {state.name}"
+                          f"{f' on {where}' if where else ''}: {state.message or 'no message'}")
     return errors
 
 

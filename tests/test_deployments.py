@@ -47,13 +47,14 @@ def _deployments() -> dict[str, dict]:
 
 def test_prefect_yaml_deployments_and_pools():
     deps = _deployments()
-    assert set(deps) == {"full", "process", "docker-gpu", "k8s-gpu"}
+    assert set(deps) == {"full", "process", "docker-cpu", "docker-gpu", "k8s-gpu"}
     assert deps["full"]["entrypoint"] == "flows/full.py:merit_full"
     from flows.branches import merit_branch
     from flows.merit import merit
 
     assert merit.name == "merit" and merit_branch.name == "merit-branch"
-    for name, pool in [("process", "merit-process"), ("docker-gpu", "merit-docker-gpu"), ("k8s-gpu", "merit-k8s-gpu")]:
+    for name, pool in [("process", "merit-process"), ("docker-cpu", "merit-docker-cpu"),
+                       ("docker-gpu", "merit-docker-gpu"), ("k8s-gpu", "merit-k8s-gpu")]:
         assert deps[name]["entrypoint"] == "flows/branches.py:merit_branch"
         assert deps[name]["work_pool"]["name"] == pool
     # the default branch deployment of the config is one of them
@@ -61,7 +62,8 @@ def test_prefect_yaml_deployments_and_pools():
 
 
 def test_prefect_yaml_lists_every_deployment_by_flow():
-    assert set(_flow_deployments()) == {"merit/full", "merit-branch/process", "merit-branch/docker-gpu",
+    assert set(_flow_deployments()) == {"merit/full", "merit-branch/process", "merit-branch/docker-cpu",
+                                        "merit-branch/docker-gpu",
                                         "merit-branch/k8s-gpu", "merit-gradients/process"}
 
 
@@ -87,6 +89,10 @@ def test_prefect_yaml_steps_reference_their_outputs():
         body = image_step["prefect_docker.deployments.steps.build_docker_image"]
         assert body["tag"] == "{{ get-commit-hash.stdout }}" and body["dockerfile"] == "images/Dockerfile.gpu"
         assert deps[name]["work_pool"]["job_variables"]["image"] == "{{ build-image.image }}"
+    # the CPU Docker deployment runs the prebuilt image (scripts/build-images.sh) from /opt/merit
+    (pull,) = deps["docker-cpu"]["pull"]
+    assert pull["prefect.deployments.steps.set_working_directory"]["directory"] == "/opt/merit"
+    assert "build" not in deps["docker-cpu"]
     assert (REPO / "images" / "Dockerfile.gpu").is_file() and (REPO / "images" / "Dockerfile.cpu").is_file()
 
 
@@ -170,6 +176,15 @@ def test_docker_gpu_template_requests_gpus():
     assert DeviceRequest(**req)["Count"] == 2  # what docker-py builds from it
 
 
+def test_docker_cpu_template_defaults_to_the_local_image_on_host_network():
+    t = json.loads((REPO / "deployments" / "docker-cpu.json").read_text())
+    job = _render(t, {"env": {"OMP_NUM_THREADS": "1"}, "volumes": ["/srv/store:/srv/store"]})
+    assert (job["image"], job["network_mode"], job["image_pull_policy"]) == ("merit-cpu:latest", "host", "IfNotPresent")
+    assert job["auto_remove"] is True  # finished branch containers leave nothing behind
+    assert job["env"] == {"OMP_NUM_THREADS": "1"} and job["volumes"] == ["/srv/store:/srv/store"]
+    assert _render(t, {"image": "merit-cpu:abc"})["image"] == "merit-cpu:abc"
+
+
 def test_k8s_gpu_template_wires_gpu_count_to_limits():
     t = json.loads((REPO / "deployments" / "k8s-gpu.json").read_text())
     job = _render(t, {"image": "registry/merit:abc", "gpu_count": 4})
@@ -224,6 +239,12 @@ def test_create_pools_sets_concurrency_limits(tmp_path):
     assert res.returncode == 0, res.stderr
     assert "ARGS work-pool set-concurrency-limit merit-process 6" in calls
     assert not any("gpu" in c for c in calls)  # GPU pools only with --gpu
+
+    res, calls = _run_script(tmp_path, "deployments/create-pools.sh", "--docker")
+    assert res.returncode == 0, res.stderr
+    assert any(c.startswith("ARGS work-pool create merit-docker-cpu --type docker --base-job-template "
+                            "deployments/docker-cpu.json") for c in calls)
+    assert "ARGS work-pool set-concurrency-limit merit-docker-cpu 2" in calls
 
     res, calls = _run_script(tmp_path, "deployments/create-pools.sh", "--gpu", MERIT_K8S_GPU_POOL_LIMIT="none")
     assert "ARGS work-pool clear-concurrency-limit merit-k8s-gpu" in calls
