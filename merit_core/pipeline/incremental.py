@@ -145,9 +145,8 @@ def plan_rerun(cfg: MeritConfig, store: ArtifactStore, base: ModelRef, mixture: 
     the partition with the branches to train and to reuse.
 
     Raises:
-        merit_core.store.StoreError: a branch to reuse fails its manifest check (names
-            the branch and the file), or its manifest lists other sources than its group.
-    """
+        merit_core.store.StoreError: a branch to reuse fails its manifest check (names the branch and
+            the file), or its manifest lists other sources than its group."""
     fresh = partition_sources(cfg, conflict, mixture)
     if cfg.run.rerun == "full":
         return _full(cfg, fresh, conflict, sketches, "run.rerun = full: every branch trains")
@@ -176,22 +175,11 @@ def plan_rerun(cfg: MeritConfig, store: ArtifactStore, base: ModelRef, mixture: 
                      f"between {prev.run_id}'s top-{prev.r} axes and the new ones > run.resplit_angle_deg = "
                      f"{cfg.run.resplit_angle_deg:g}°", **info)
 
-    # place every new or changed source with the split's rule, on the stored axes
-    axes = SplitAxes.from_json(prev.axes)
-    placing = added + changed
-    placed: dict[str, int] = {}
-    scores = {n: prev.scores[n] for n in kept}
-    if placing:
-        try:
-            old = np.stack([load_sketch(store, k) for k in prev.axes_sketch_keys])
-        except StoreError as e:
-            return _full(cfg, fresh, conflict, sketches, f"a sketch of {prev.run_id}'s axes is gone ({e})", **info)
-        keys = {s.source: s.key for s in sketches}
-        new = np.stack([load_sketch(store, keys[n]) for n in placing])
-        c = conflict_matrix(np.concatenate([old, new]), kind=cfg.conflict.kind)
-        z = axes.project(c[len(old):, :len(old)])
-        for n, zn, g in zip(placing, z, axes.place(z)):
-            placed[n], scores[n] = g, [float(v) for v in zn]
+    try:  # place every new or changed source with the split's rule, on the stored axes
+        placed, placed_scores = place_sources(store, prev, added + changed, sketches, cfg.conflict.kind)
+    except StoreError as e:
+        return _full(cfg, fresh, conflict, sketches, f"a sketch of {prev.run_id}'s axes is gone ({e})", **info)
+    scores = {**{n: prev.scores[n] for n in kept}, **placed_scores}
     groups = [[n for n in g if n in kept] for g in prev.groups]
     for n, g in placed.items():
         groups[g].append(n)
@@ -200,21 +188,37 @@ def plan_rerun(cfg: MeritConfig, store: ArtifactStore, base: ModelRef, mixture: 
         empty = [k for k, g in enumerate(groups) if not g]
         return _full(cfg, fresh, conflict, sketches, f"group(s) {empty} of {prev.run_id} would be left without "
                      "sources", **info)
-    reuse, retrain = {}, []
-    for k, g in enumerate(groups):
-        if sorted(g) == sorted(prev.groups[k]) and all(n in kept for n in g):
-            reuse[k] = verified_branch(store, prev.branches[k], g)
-        else:
-            retrain.append(k)
+    retrain = [k for k, g in enumerate(groups) if sorted(g) != sorted(prev.groups[k]) or set(g) - set(kept)]
+    reuse = {k: verified_branch(store, prev.branches[k], g) for k, g in enumerate(groups) if k not in retrain}
     partition = Partition(method="pca", groups=groups, weights=fresh.weights,
                           scores=[scores[n] for n in fresh.weights])  # on the finished run's axes
-    mode_why = "run.rerun = incremental" if cfg.run.rerun == "incremental" else (
-        f"principal angle {angle:.1f}° ≤ run.resplit_angle_deg = {cfg.run.resplit_angle_deg:g}°")
-    reason = (f"{len(added)} added, {len(changed)} changed, {len(removed)} removed source(s) against "
-              f"{prev.run_id}; {mode_why}: {len(retrain)} of {len(groups)} branches retrain")
+    why = "run.rerun = incremental" if cfg.run.rerun == "incremental" else f"principal angle {angle:.1f}° ≤ " \
+        f"run.resplit_angle_deg = {cfg.run.resplit_angle_deg:g}°"
+    reason = f"{len(added)} added, {len(changed)} changed, {len(removed)} removed source(s) against " \
+        f"{prev.run_id}; {why}: {len(retrain)} of {len(groups)} branches retrain"
     return RerunPlan(requested=cfg.run.rerun, mode="incremental", reason=reason, partition=partition,
                      reuse=reuse, retrain=retrain, placed=placed, axes_sources=prev.axes_sources,
                      axes_sketch_keys=prev.axes_sketch_keys, axes=prev.axes, **info)
+
+
+def place_sources(store: ArtifactStore, prev: SplitState, names: Sequence[str], sketches: Sequence[SketchRef],
+                  kind: str) -> tuple[dict[str, int], dict[str, list[float]]]:
+    """Group and PCA scores of each source in ``names`` on ``prev``'s axes: its row of C
+    (``kind``) against the sketches the axes were fitted on, projected and sent down the
+    cut tree (:class:`merit_core.split.placement.SplitAxes`).
+
+    Raises:
+        merit_core.store.StoreError: a sketch is missing from the store.
+    """
+    if not names:
+        return {}, {}
+    axes = SplitAxes.from_json(prev.axes)
+    old = np.stack([load_sketch(store, k) for k in prev.axes_sketch_keys])
+    keys = {s.source: s.key for s in sketches}
+    new = np.stack([load_sketch(store, keys[n]) for n in names])
+    c = conflict_matrix(np.concatenate([old, new]), kind=kind)
+    z = axes.project(c[len(old):, :len(old)])
+    return dict(zip(names, axes.place(z))), {n: [float(v) for v in zn] for n, zn in zip(names, z)}
 
 
 def verified_branch(store: ArtifactStore, ref: BranchRef, group: Sequence[str]) -> BranchRef:
