@@ -53,7 +53,7 @@ def suggest_r(explained_variance_ratio: Any, t: int) -> tuple[int, str]:
     if r == 0:
         return 0, (f"PC1 explains {evr[0] if evr else 0:.0%}, not above the isotropic share 1/(T−1) = {iso:.0%}: "
                    "no dominant conflict direction, a split is not expected to beat joint or random")
-    why_stop = (f"PC{r + 1} is at or below it" if r < len(evr) and r < cap
+    why_stop = (f"PC{r + 1} is at or below it" if r < len(evr) and evr[r] <= iso
                 else f"capped at r = {cap} (MERIT-{cap}D; at least two sources per group on average)")
     return r, f"{shares}; the first {r} exceed the isotropic share 1/(T−1) = {iso:.0%}, {why_stop}"
 
