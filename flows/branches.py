@@ -84,7 +84,7 @@ def _branch_in_process(config: MeritConfig, base: ModelRef, mixture: MixtureRef,
 
 
 def run_branches(config: MeritConfig, base: ModelRef, mixture: MixtureRef, groups: list[list[str]],
-                 run_id: str, label: str) -> list[BranchRef]:
+                 run_id: str, label: str, indices: Sequence[int] | None = None) -> list[BranchRef]:
     """Train one branch per group, independently, as ``config.run.branch_execution`` says;
     return their checkpoints in group order, each with the timing of its flow run
     (:class:`~merit_core.refs.BranchTiming`: queued, start-up, training, commit, counted
@@ -92,17 +92,19 @@ def run_branches(config: MeritConfig, base: ModelRef, mixture: MixtureRef, group
     counts the finished branches.
 
     With ``processes`` and no ``train.threads``, each of the parallel branches gets an
-    equal share of this machine's cores.
+    equal share of this machine's cores. ``indices``: the branch index of each group
+    (default 0 .. len(groups) − 1), for an incremental run that trains only some groups.
     """
     mode = config.run.branch_execution
     if mode not in ("local", "processes", "deployment"):
         raise ValueError(f"run.branch_execution={mode!r}: use 'local', 'processes' or 'deployment'")
-    _log_plan(config, mixture, groups, run_id, label)
+    indices = list(range(len(groups))) if indices is None else list(indices)
+    _log_plan(config, mixture, groups, run_id, label, indices)
     args = [{"config": config, "base": base, "mixture": mixture, "sources": g, "run_id": run_id, "label": label,
-             "index": k} for k, g in enumerate(groups)]
+             "index": k} for k, g in zip(indices, groups)]
     progress = Progress(f"{label}: branches trained", len(groups))
     if mode == "deployment":
-        return run_branches_on_deployment(config, base, mixture, groups, run_id, label, progress)
+        return run_branches_on_deployment(config, base, mixture, groups, run_id, label, progress, indices)
     refs, asked = [], []
     if mode == "local":
         for a in args:
@@ -155,17 +157,18 @@ def branch_in_own_process(parameters: dict) -> BranchRef:
     raise AssertionError("unreachable")
 
 
-def _log_plan(config: MeritConfig, mixture: MixtureRef, groups: list[list[str]], run_id: str, label: str) -> None:
+def _log_plan(config: MeritConfig, mixture: MixtureRef, groups: list[list[str]], run_id: str, label: str,
+              indices: Sequence[int]) -> None:
     """One line per branch before any trains, named as its flow run: its sources, examples
     and optimizer steps."""
     log = _logger()
     log.info("%s: %d branch%s (%s)", label, len(groups), "" if len(groups) == 1 else "es",
              config.run.branch_execution)
-    for k, group in enumerate(groups):
+    for k, group in zip(indices, groups):
         n = sum(mixture.get(s).train for s in group)
         names = ", ".join(sorted(group)) if len(group) <= 6 else f"{len(group)} sources"
         log.info("%s (%d of %d): %s — %d examples, %d steps", branch_run_name(run_id, label, k), k + 1,
-                 len(groups), names, n, planned_steps(n, config.train))
+                 max(indices) + 1, names, n, planned_steps(n, config.train))
 
 
 def branch_run_name(run_id: str, label: str, index: int) -> str:
@@ -279,9 +282,10 @@ def wait_for_flow_runs(ids: Sequence[UUID], timeout: float | None,
     return {r.id: r for r in runs}
 
 
-def _failures(children: Sequence[FlowRun], final: dict[UUID, FlowRun], label: str, timeout: float | None) -> list[str]:
+def _failures(children: Sequence[FlowRun], final: dict[UUID, FlowRun], label: str, timeout: float | None,
+              indices: Sequence[int]) -> list[str]:
     errors = []
-    for index, child in enumerate(children):
+    for index, child in zip(indices, children):
         run = final.get(child.id, child)
         state = run.state
         if state is None or not state.is_final():
@@ -296,7 +300,8 @@ def _failures(children: Sequence[FlowRun], final: dict[UUID, FlowRun], label: st
 
 def run_branches_on_deployment(config: MeritConfig, base: ModelRef, mixture: MixtureRef,
                                groups: list[list[str]], run_id: str, label: str,
-                               progress: Progress | None = None) -> list[BranchRef]:
+                               progress: Progress | None = None,
+                               indices: Sequence[int] | None = None) -> list[BranchRef]:
     """Train one branch per group as separate flow runs of ``config.run.branch_deployment``,
     concurrently; return their checkpoints in group order (read from the store), each
     with the timing of its flow run. ``progress`` advances as each child finishes.
@@ -320,7 +325,8 @@ def run_branches_on_deployment(config: MeritConfig, base: ModelRef, mixture: Mix
     common = {"config": config.model_dump(mode="json"), "base": base.model_dump(mode="json"),
               "mixture": mixture.model_dump(mode="json"), "run_id": run_id, "label": label}
     children: list[FlowRun] = []
-    for index, group in enumerate(groups):
+    indices = list(range(len(groups))) if indices is None else list(indices)
+    for index, group in zip(indices, groups):
         child = start_branch(deployment, {**common, "sources": list(group), "index": index},
                              idempotency_key(parent, run_id, label, index),
                              tags=[f"merit-run:{run_id}", f"merit:{label}"], name=branch_run_name(run_id, label, index))
@@ -329,9 +335,9 @@ def run_branches_on_deployment(config: MeritConfig, base: ModelRef, mixture: Mix
         children.append(child)
     timeout = config.run.branch_timeout_s
     final = wait_for_flow_runs([c.id for c in children], timeout, on_final=progress.step if progress else None)
-    errors = _failures(children, final, label, timeout)
+    errors = _failures(children, final, label, timeout, indices)
     if errors:
         raise BranchRunError(f"{len(errors)} of {len(children)} branches on {deployment} failed:\n  "
                              + "\n  ".join(errors))
-    refs = collect_branches_task(config, run_id, label, groups)
+    refs = collect_branches_task(config, run_id, label, groups, indices)
     return [with_timing(ref, final[child.id]) for ref, child in zip(refs, children)]

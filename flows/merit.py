@@ -9,6 +9,7 @@ from prefect import flow, get_run_logger
 from flows.branches import run_branches
 from flows.common import merit_run_name, resolve_config, run_id, stage_timer, tracked
 from flows.gradients import run_source_gradients
+from flows.incremental import plan_split, readiness, report_sections, train_planned_branches
 from merit_core.config import MeritConfig
 from merit_core.refs import ModelRef
 from tasks import (
@@ -57,15 +58,13 @@ def merit(config_path: str | None = None, overrides: list[str] | None = None,
     with stage("conflict matrix"):
         conflict = conflict_task(config, sketches)
 
-    # 2-3. PCA of C and recursive weighted-median split into K = 2^r groups.
+    # 2-3. PCA of C, weighted-median split into K = 2^r groups, or into a finished run's (run.rerun).
     with stage("split"):
-        partition = split_task(config, conflict, mixture)
-
-    # 4. One branch per group from θ(0), no communication between branches.
+        plan = plan_split(config, base, mixture, conflict, sketches, run)  # with a forecast of partitions
+    # 4. One branch per group from θ(0), no communication; only changed groups in an incremental run.
     with stage("train MERIT branches"):
-        branches = {"merit": run_branches(config, base, mixture, partition.groups, run, "merit")}
-    # 5. One-shot token-weighted merge.
-    with stage("merge"):
+        branches = {"merit": train_planned_branches(config, base, mixture, plan, run)}
+    with stage("merge"):  # 5. One-shot token-weighted merge.
         models = {"base": base, "merit": merge_task(config, base, branches["merit"], run, "merit")}
 
     # Baselines: joint training (K = 1, same data) and a random split merged the same way.
@@ -73,7 +72,7 @@ def merit(config_path: str | None = None, overrides: list[str] | None = None,
         with stage("train joint baseline"):
             branches["joint"] = run_branches(config, base, mixture, [mixture.names], run, "joint")
             models["joint"] = ModelRef(key=branches["joint"][0].key, uri=branches["joint"][0].uri, label="joint")
-    if config.baselines.random_split and partition.k > 1:
+    if config.baselines.random_split and plan.partition.k > 1:
         with stage("train random-split baseline"):
             rnd = split_task(config, conflict, mixture, strategy="random")
             branches["random"] = run_branches(config, base, mixture, rnd.groups, run, "random")
@@ -91,10 +90,11 @@ def merit(config_path: str | None = None, overrides: list[str] | None = None,
             benchmarks = {label: evaluate_benchmarks_task(config, ref.model_copy(update={"label": label}), suite)
                           for label, ref in models.items()}
 
-    report = report_task(config, run, mixture=mixture, conflict=conflict, partition=partition,
-                         tables=tables, branches=branches, timings=timings, benchmarks=benchmarks,
-                         extra={"models": {k: v.model_dump() for k, v in models.items()},
-                                "config_source": config_source})
+    diagnostics = readiness(config, base, models, branches["merit"], mixture, stage)  # eval.diagnostics
+    extra = {"models": {k: v.model_dump() for k, v in models.items()}, "config_source": config_source}
+    report = report_task(config, run, mixture=mixture, conflict=conflict, partition=plan.partition, tables=tables,
+                         branches=branches, timings=timings, benchmarks=benchmarks,
+                         **report_sections(plan, branches["merit"], diagnostics, extra))
     finish_run_task(config, run)  # its local work directories go
     log.info("report: %s", report["report_uri"])
     return report

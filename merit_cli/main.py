@@ -164,13 +164,19 @@ def run(
                                                   "(default: a dead unfinished run of the same config)")] = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="Start a new run even if a dead one of this config "
                                         "could be continued")] = False,
+    rerun: Annotated[str | None, typer.Option(
+        "--rerun", help="auto | incremental | full: reuse a finished run's branches for unchanged groups "
+        "(docs/incremental.md); same as --set run.rerun=...")] = None,
 ) -> None:
     """Run the whole MERIT pipeline (flow `merit`) and print the per-source table. Run again after a
-    crash, the same command continues the dead run (docs/reliability.md)."""
+    crash, the same command continues the dead run (docs/reliability.md); with a finished run of the
+    same settings, only changed groups retrain (docs/incremental.md)."""
     if resume and fresh:
         raise typer.BadParameter("--resume and --fresh exclude each other", param_hint="--fresh")
     if resume or fresh:
         set_ = [*(set_ or []), f"run.resume={resume or 'never'}"]
+    if rerun is not None:
+        set_ = [*(set_ or []), f"run.rerun={rerun}"]
     _load(config, set_)  # a bad config exits with code 2 before Prefect starts; the flow reads the file again
     _exit_on_sigterm()
     from flows.merit import merit
@@ -266,21 +272,29 @@ def mixture(config: ConfigArg, set_: SetOpt = None) -> None:
 
 @app.command()
 def split(config: ConfigArg, set_: SetOpt = None) -> None:
-    """Compute (or reuse) every source gradient, the conflict matrix and the partition."""
+    """Compute (or reuse) every source gradient, the conflict matrix and the partition, and
+    print the forecast: split scores of PCA, k-means and random partitions, explained
+    variance per PC and a suggested r."""
     cfg = _load(config, set_)
     _setup_logging()
     from merit_core.pipeline.base import prepare_base
     from merit_core.pipeline.conflict import build_conflict_matrix, source_gradients
     from merit_core.pipeline.mixture import resolve_mixture
+    import numpy as np
+
     from merit_core.pipeline.partition import partition_sources
+    from merit_core.split.forecast import forecast_markdown, forecast_partitions
     from tasks.store import run_store
 
     store = run_store(cfg)
     base = prepare_base(cfg, store)
     m = resolve_mixture(cfg, store, base)
     sketches = source_gradients(cfg, store, base, m.sources, threads=cfg.conflict.threads)  # θ(0) loaded once
-    part = partition_sources(cfg, build_conflict_matrix(cfg, store, sketches), m)
+    conflict = build_conflict_matrix(cfg, store, sketches)
+    part = partition_sources(cfg, conflict, m)
     typer.echo(json.dumps(part.model_dump(), indent=2))
+    typer.echo("\n" + forecast_markdown(forecast_partitions(np.asarray(conflict.matrix), list(part.weights.values()),
+                                                            cfg.split.r, seed=cfg.split.seed)))
 
 
 @app.command()

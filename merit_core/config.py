@@ -164,6 +164,9 @@ class EvalConfig(StrictModel):
         "(every example goes to evaluation). A benchmark overlapping a data source is refused.")
     benchmark_max_examples: int | None = Field(
         64, ge=1, description="At most this many examples per benchmark (seeded sample, data.seed).")
+    diagnostics: bool = Field(
+        False, description="Merge-readiness diagnostics in the report (paper appendix B): LMC barrier between "
+        "each branch and the merged model, loss under Gaussian weight noise, displacement contraction.")
 
     @field_validator("benchmarks")
     @classmethod
@@ -240,6 +243,14 @@ class RunConfig(StrictModel):
     resume: str = Field("auto", description="auto: continue a dead unfinished run of this config on this store "
                         "(merit run again after a crash); never: always a new run (--fresh); or a run id to "
                         "continue (--resume RUN_ID). docs/reliability.md.")
+    rerun: Literal["auto", "incremental", "full"] = Field(
+        "auto", description="With a finished run of the same settings in the store (docs/incremental.md): auto "
+        "places new sources into its groups and retrains only the groups that changed, unless the conflict "
+        "structure moved more than resplit_angle_deg; incremental always does; full always splits and "
+        "trains every branch again.")
+    resplit_angle_deg: float = Field(
+        30.0, ge=0, le=90, description="rerun=auto: split again when the largest principal angle between the "
+        "finished run's top-r PCA scores and the new ones (its unchanged sources) exceeds this, in degrees.")
 
 
 class MeritConfig(StrictModel):

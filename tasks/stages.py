@@ -128,9 +128,10 @@ def train_branch_task(config: MeritConfig, base: ModelRef, mixture: MixtureRef, 
 
 
 @task(name="collect-branches", task_run_name="collect-{label}", **STORAGE_RETRIES)
-def collect_branches_task(config: MeritConfig, run_id: str, label: str, groups: list[list[str]]) -> list[BranchRef]:
+def collect_branches_task(config: MeritConfig, run_id: str, label: str, groups: list[list[str]],
+                          indices: list[int] | None = None) -> list[BranchRef]:
     """The branches that flow runs on other workers committed, read back from the store."""
-    return collect_branches(run_store(config), run_id, label, groups)
+    return collect_branches(run_store(config), run_id, label, groups, indices)
 
 
 @task(name="merge", task_run_name="merge-{label}", **STORAGE_RETRIES)

@@ -9,7 +9,8 @@ CPU deployments of prefect.yaml (merit/full, merit-branch/process), then:
    the parent; the merged model's manifest is in the store.
 2. `merit sources add` registers one more source and emits merit.data_source.added;
    the deployment trigger re-runs merit/full on the file: Completed, exactly one
-   source gradient computed, the four others reused from the store.
+   source gradient computed, the four others reused from the store; the run is
+   incremental (its report says so): only the new source's group trains a branch.
 
 Every process the test starts is stopped by its PID (process group) at the end.
 Deselect with `-m "not e2e"`.
@@ -99,7 +100,9 @@ def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 180) -> Non
 def _write_config(tmp: Path, model_dir: Path) -> Path:
     specs = write_jsonl_sources(tmp / "data", SOURCES, n=24)
     raw = {
-        "run": {"name": "e2e"},  # branch_execution=deployment comes from merit/full's `overrides`
+        # branch_execution=deployment comes from merit/full's `overrides`; run.rerun is the default
+        # `auto`, with the structure check set wide open so that the triggered run is incremental
+        "run": {"name": "e2e", "resplit_angle_deg": 90.0},
         "model": {"source": str(model_dir)},
         "data": {"sources": specs, "max_length": 64, "heldout_min": 4, "heldout_fraction": 0.2},
         "conflict": {"calibration_size": 8, "sketch": "countsketch", "sketch_dim": 256, "batch_size": 8},
@@ -274,8 +277,15 @@ def test_server_worker_deployments_and_trigger(tmp_path, tiny_model_dir):
             logs_ = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[triggered.id])))
             messages = [entry.message for entry in logs_]
             assert any("source gradients: 1 computed, 4 reused from cache" in m for m in messages), messages[-30:]
+            # incremental: the new source's group retrains, the other branch is the first run's
             branch_runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["merit-branch"])))
-            assert len(branch_runs) == 4
+            assert len(branch_runs) == 3, [r.name for r in branch_runs]
+        (new_report,) = [p for p in store.glob("runs/*/report/report.json") if p != report_json]
+        rerun = json.loads(new_report.read_text())["rerun"]
+        assert rerun["mode"] == "incremental" and rerun["added"] == ["epsilon"], rerun
+        assert rerun["previous_run"] == report["run_id"]
+        assert sorted(r["action"] for r in rerun["branches"]) == ["retrained", "reused"], rerun["branches"]
+        assert "## Incremental run" in new_report.with_name("report.md").read_text()
         assert len(_sketches(store)) == len(SOURCES) + 1
         assert len(list(store.glob("runs/*/merit/merged/manifest.json"))) == 2
     finally:

@@ -164,17 +164,18 @@ def read_branch(store: ArtifactStore, key: str) -> BranchRef:
     return BranchRef.model_validate(store.get_json(f"{key}/manifest.json")["metadata"]["branch"])
 
 
-def collect_branches(store: ArtifactStore, run_id: str, label: str,
-                     groups: Sequence[Sequence[str]]) -> list[BranchRef]:
+def collect_branches(store: ArtifactStore, run_id: str, label: str, groups: Sequence[Sequence[str]],
+                     indices: Sequence[int] | None = None) -> list[BranchRef]:
     """The finished branches of a partition, in group order, read from the store (how a
-    parent learns what branches trained elsewhere produced).
+    parent learns what branches trained elsewhere produced). ``indices``: the branch
+    index of each group (default 0 .. len(groups) − 1).
 
     Raises:
         BranchStoreError: a branch directory is missing or incomplete (the worker wrote to
             a different store), or holds other sources than its group.
     """
     results = []
-    for index, group in enumerate(groups):
+    for index, group in zip(range(len(groups)) if indices is None else indices, groups):
         key = branch_key(run_id, label, index)
         if not store.is_complete(key):
             raise BranchStoreError(

@@ -11,6 +11,7 @@ sketches/<model-sha>/<source-hash>-<settings>.npy one source gradient sketch g_t
 runs/<run-id>/<label>/branches/<k>/               θ_k of branch k
 runs/<run-id>/<label>/branches/<k>-checkpoints/   Trainer checkpoints while k trains
 runs/<run-id>/<label>/merged/                     the merged model
+runs/<run-id>/merit/split-state/                  what an incremental run reuses (split-state.json)
 runs/<run-id>/report/                             report.md/json and PNGs of a run or study
 runs/<study-id>/seeds/<index>/                    record.json of one finished study seed
 ```
@@ -72,6 +73,12 @@ def checkpoint_key(prefix: str, name: str) -> str:
 def merged_key(run_id: str, label: str) -> str:
     """``runs/<run-id>/<label>/merged``: the merged model of one partition."""
     return safe_key("runs", run_id, label, "merged")
+
+
+def split_state_key(run_id: str) -> str:
+    """``runs/<run-id>/merit/split-state``: PCA axes, thresholds, groups and branches of a
+    run whose branches are committed (merit_core.pipeline.incremental)."""
+    return safe_key("runs", run_id, "merit", "split-state")
 
 
 def report_key(run_id: str) -> str:

@@ -103,6 +103,7 @@ def write_report(
     timings: Sequence[StageTiming],
     extra: Mapping | None = None,
     benchmarks: Mapping[str, dict] | None = None,
+    sections: Sequence[tuple[str, str]] = (),
 ) -> dict:
     """Write report.md, report.json and the PNGs into ``out_dir``; return the JSON dict.
 
@@ -114,6 +115,8 @@ def write_report(
             shown under the report's title.
         benchmarks: model -> EvalTable dict on the out-of-mixture benchmarks (optional;
             the report's benchmark section appears when it is non-empty).
+        sections: more (title, markdown) sections after the partition (forecast, incremental
+            run, merge-readiness diagnostics).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -124,7 +127,7 @@ def write_report(
         "run.md.j2", run_id=run_id, results=_sections(tables, HELDOUT_METRICS),
         benchmarks=_sections(benchmarks, BENCHMARK_METRICS) if benchmarks else None, partition=partition,
         heatmap=HEATMAP, pca_plot=PCA_PLOT if pca_png else None, branches=branches, mixture=mixture, timings=timings,
-        fanout=fanout, config_source=(extra or {}).get("config_source"),
+        fanout=fanout, config_source=(extra or {}).get("config_source"), sections=sections,
     )
     (out / "report.md").write_text(text)
     data = {

@@ -1,0 +1,213 @@
+"""Incremental runs (issue 18): new sources placed into a finished run's groups, only the
+changed groups retrained; the forecast of partitions; merge-readiness diagnostics in the
+report. Maths on small matrices, flows on the tiny model under prefect_test_harness."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from prefect.testing.utilities import prefect_test_harness
+from safetensors.numpy import load_file
+
+from merit_core.config import MeritConfig
+from merit_core.conflict.matrix import conflict_matrix
+from merit_core.split import pca_split, random_split, split_score
+from merit_core.split.forecast import forecast_partitions, suggest_r
+from merit_core.split.pca import pca_scores
+from merit_core.split.placement import fit_axes, max_principal_angle_deg
+from merit_core.store.manifest import verify_manifest
+from tests.helpers import write_jsonl_sources
+
+# --- maths ---------------------------------------------------------------------------------
+
+
+def _centres(dim: int = 64) -> np.ndarray:
+    """Four gradient directions in a 2 × 2 design: ±e3 on top of 4e1 or 4e2."""
+    e = np.eye(dim)
+    return np.stack([4 * e[0] + 2 * e[2], 4 * e[0] - 2 * e[2], 4 * e[1] + 2 * e[2], 4 * e[1] - 2 * e[2]])
+
+
+def _clustered_gradients(rng: np.random.Generator, per: int = 4, dim: int = 64) -> np.ndarray:
+    """Four clusters of gradients around :func:`_centres`, ``per`` sources each (cluster j =
+    sources per·j .. per·j + per − 1)."""
+    return np.concatenate([c + 0.3 * rng.normal(size=(per, dim)) for c in _centres(dim)])
+
+
+def test_fit_axes_reproduces_the_split_and_places_sources_with_its_rule():
+    rng = np.random.default_rng(0)
+    g = _clustered_gradients(rng)
+    c = conflict_matrix(g)
+    w = np.full(len(g), 20.0)  # equal sizes: the weighted medians fall between the clusters
+    split = pca_split(c, w, 2)
+    axes, scores = fit_axes(c, split.groups, 2)
+    # the same PCA and sign as pca_split
+    np.testing.assert_allclose(scores, pca_scores(c, 2, "max_loading")[0], atol=1e-10)
+    # placing a fitted source with its own row of C gives back its group
+    assert sorted(split.groups) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15]]
+    group_of = {i: k for k, grp in enumerate(split.groups) for i in grp}
+    assert axes.place(axes.project(c)) == [group_of[i] for i in range(len(g))]
+    # a new source near cluster j: its row of C against the fitted sources, projected by hand
+    for j in range(4):
+        new = _centres()[j] + 0.3 * rng.normal(size=64)
+        row = conflict_matrix(np.vstack([g, new]))[-1, :-1]
+        z = (row - c.mean(axis=0)) @ axes.components.T
+        np.testing.assert_allclose(axes.project(row)[0], z, atol=1e-12)
+        # by hand down the tree: bit 1 when the score reaches the cut's threshold
+        b0 = int(z[0] >= axes.thresholds[""])
+        b1 = int(z[1] >= axes.thresholds[str(b0)])
+        assert axes.place(z) == [2 * b0 + b1]
+        # and it lands with the sources of its own cluster (cluster j = sources 4j .. 4j+3)
+        assert axes.place(z)[0] == group_of[4 * j]
+
+
+def test_principal_angle():
+    a = np.array([[1.0], [0.0], [0.0]])
+    b = np.array([[math.cos(math.radians(30))], [math.sin(math.radians(30))], [0.0]])
+    assert max_principal_angle_deg(a, a * -3) == pytest.approx(0.0, abs=1e-6)
+    assert max_principal_angle_deg(a, b) == pytest.approx(30.0, abs=1e-6)
+    assert max_principal_angle_deg(a, np.array([[0.0], [0.0], [1.0]])) == pytest.approx(90.0)
+    assert max_principal_angle_deg(a, np.zeros((3, 1))) == 90.0  # lost rank
+
+
+def test_forecast_scores_candidates_with_the_split_score():
+    rng = np.random.default_rng(1)
+    g = _clustered_gradients(rng)
+    c = conflict_matrix(g)
+    w = np.full(len(g), 20.0)
+    f = forecast_partitions(c, w, 2, seed=3, n_random=50)
+    names = [x["name"] for x in f["candidates"]]
+    assert names[0] == "PCA (MERIT-2D)" and names[1] == "k-means" and names[2].startswith("random balanced")
+    assert f["candidates"][0]["score"] == pytest.approx(split_score(c, w, pca_split(c, w, 2).groups))
+    rnd = [split_score(c, w, random_split(w, 4, 3 + i).groups) for i in range(50)]
+    assert f["random"]["mean"] == pytest.approx(np.mean(rnd)) and f["random"]["max"] == pytest.approx(max(rnd))
+    # four clean clusters: PCA separates them and beats every random split
+    assert f["candidates"][0]["score"] > max(0.5, f["random"]["max"]) and f["pca_beats_random"] == 1.0
+    # a 2 × 2 design: two PCs above the isotropic share 1/(T-1) = 1/15, the third (noise) below
+    assert f["explained_variance_ratio"][1] > 1 / 15 > f["explained_variance_ratio"][2] and f["suggested_r"] == 2
+
+
+def test_suggest_r_rule():
+    assert suggest_r([0.9, 0.05, 0.03], 16)[0] == 1            # rank-1 conflicts
+    assert suggest_r([1 / 15] * 8, 16)[0] == 0                   # isotropic: nothing above 1/(T-1)
+    assert suggest_r([0.4, 0.3, 0.2, 0.1], 6)[0] == 1            # capped: floor(log2(6/2)) = 1
+    r, why = suggest_r([0.5, 0.3, 0.05], 16)
+    assert r == 2 and "PC3 is at or below it" in why
+
+
+# --- flows ---------------------------------------------------------------------------------
+
+NAMES = ["alpha", "beta", "gamma", "delta", "epsilon"]
+
+
+@pytest.fixture(scope="module")
+def harness():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def _config(tmp_path, model_dir, names, **run) -> MeritConfig:
+    specs = write_jsonl_sources(tmp_path / "data", NAMES, n=32)
+    return MeritConfig.model_validate({
+        "run": {"name": "incr", **run},
+        "model": {"source": str(model_dir)},
+        "data": {"sources": [s for s in specs if s["name"] in names], "max_length": 64, "heldout_min": 4,
+                 "heldout_fraction": 0.2},
+        "conflict": {"calibration_size": 8, "sketch": "countsketch", "sketch_dim": 512, "batch_size": 8},
+        "split": {"r": 1},
+        "train": {"learning_rate": 1e-3, "batch_size": 8, "epochs": 1, "save_steps": 50, "logging_steps": 1},
+        "eval": {"batch_size": 8, "max_examples_per_source": 4, "max_new_tokens": 2, "generate": False},
+        "baselines": {"joint": False, "random_split": False},
+        "store": {"uri": str(tmp_path / "store")},
+    })
+
+
+def _files(store, key) -> dict[str, str]:
+    return {k: v["sha256"] for k, v in verify_manifest(store / key)["files"].items()}
+
+
+def test_added_source_retrains_only_its_group(harness, tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("MERIT_CACHE_DIR", str(tmp_path / "cache"))
+    from flows.merit import merit
+
+    store = tmp_path / "store"
+    first = merit(config=_config(tmp_path, tiny_model_dir, NAMES[:4]))
+    assert first["rerun"]["mode"] == "full" and "no finished run" in first["rerun"]["reason"]
+    old = {b["index"]: b for b in first["branches"]["merit"]}
+    old_files = {k: _files(store, b["key"]) for k, b in old.items()}
+
+    # (a) a fifth source: auto mode (threshold 90°, so the structure check cannot veto) is incremental
+    cfg = _config(tmp_path, tiny_model_dir, NAMES, resplit_angle_deg=90.0)
+    cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"diagnostics": True})})
+    second = merit(config=cfg)
+    rerun = second["rerun"]
+    assert rerun["mode"] == "incremental" and rerun["previous_run"] == first["run_id"]
+    assert rerun["added"] == ["epsilon"] and rerun["removed"] == rerun["changed"] == []
+    joined = rerun["placed"]["epsilon"]
+    groups = second["partition"]["groups"]
+    assert groups[joined] == sorted([*first["partition"]["groups"][joined], "epsilon"], key=NAMES.index)
+    assert [g for k, g in enumerate(groups) if k != joined] == [
+        g for k, g in enumerate(first["partition"]["groups"]) if k != joined]
+    new = {b["index"]: b for b in second["branches"]["merit"]}
+    for row in rerun["branches"]:
+        k = row["index"]
+        if k == joined:  # exactly the fifth source's group retrains, in this run
+            assert row["action"] == "retrained" and row["from_run"] == second["run_id"]
+            assert new[k]["key"].startswith(f"runs/{second['run_id']}/") and "epsilon" in new[k]["sources"]
+        else:  # the others are the first run's branches, byte for byte
+            assert row["action"] == "reused" and row["from_run"] == first["run_id"]
+            assert new[k]["key"] == old[k]["key"] and _files(store, new[k]["key"]) == old_files[k]
+            assert not (store / "runs" / second["run_id"] / "merit" / "branches" / str(k)).exists()
+    assert rerun["tokens_saved"] == sum(old[k]["trained_tokens"] for k in old if k != joined)
+    assert rerun["tokens_total"] == sum(b["trained_tokens"] for b in new.values())
+
+    # merged = Σ_k N_k θ_k / Σ_j N_j of the final branches, computed here in float64
+    n = np.array([new[k]["trained_tokens"] for k in sorted(new)], dtype=np.float64)
+    branch_w = [load_file(store / new[k]["key"] / "model.safetensors") for k in sorted(new)]
+    merged = load_file(store / second["models"]["merit"]["key"] / "model.safetensors")
+    assert set(merged) == set(branch_w[0])
+    for name, tensor in merged.items():
+        expect = sum(wk * b[name].astype(np.float64) for wk, b in zip(n / n.sum(), branch_w))
+        np.testing.assert_allclose(tensor, expect, rtol=1e-5, atol=1e-6, err_msg=name)
+
+    # the report says so, with the forecast and the diagnostics
+    md = (store / "runs" / second["run_id"] / "report" / "report.md").read_text()
+    assert "## Incremental run" in md and f"`{first['run_id']}`" in md and "reused" in md
+    assert "## Forecast before training" in md and "k-means" in md and "Suggested r" in md
+    assert "## Merge-readiness diagnostics" in md and "barrier" in md
+    d = second["diagnostics"]
+    assert len(d["lmc"]) == 2 and all(x["barrier"] >= 0 for x in d["lmc"])
+    assert d["contraction"]["contraction_ratio"] <= 1 + 1e-9 and d["contraction"]["identity_rel_error"] < 1e-6
+    assert d["contraction"]["merged_residual_sq"] < 1e-6 * d["contraction"]["mean_sq_norm"]
+    assert any(t["stage"] == "merge-readiness diagnostics" for t in second["timings"])
+
+    # (b) forced full mode: the same addition retrains every branch in the new run
+    third = merit(config=_config(tmp_path, tiny_model_dir, NAMES, rerun="full"))
+    assert third["rerun"]["mode"] == "full" and third["rerun"]["tokens_saved"] == 0
+    assert all(r["action"] == "retrained" and r["from_run"] == third["run_id"] for r in third["rerun"]["branches"])
+    assert all(b["key"].startswith(f"runs/{third['run_id']}/") for b in third["branches"]["merit"])
+
+    # a removed source invalidates its group: only that branch retrains
+    fourth = merit(config=_config(tmp_path, tiny_model_dir, [n for n in NAMES if n != "beta"], rerun="incremental"))
+    r4 = fourth["rerun"]
+    assert r4["mode"] == "incremental" and r4["removed"] == ["beta"]
+    beta_group = next(k for k, g in enumerate(third["partition"]["groups"]) if "beta" in g)
+    assert [r["index"] for r in r4["branches"] if r["action"] == "retrained"] == [beta_group]
+    state = json.loads((store / "runs" / fourth["run_id"] / "merit" / "split-state" / "split-state.json").read_text())
+    assert "beta" not in state["sources"] and state["groups"] == fourth["partition"]["groups"]
+
+
+def test_changed_settings_or_forced_full_split_again(tmp_path):
+    """Unit test of the decision: a finished run with other training settings is not reused."""
+    from merit_core.pipeline.incremental import settings_fingerprint
+    from merit_core.refs import ModelRef
+
+    base = ModelRef(key="models/abc", uri="x")
+    cfg = MeritConfig()
+    other = cfg.model_copy(update={"train": cfg.train.model_copy(update={"learning_rate": 1e-3})})
+    threads = cfg.model_copy(update={"train": cfg.train.model_copy(update={"threads": 3})})
+    assert settings_fingerprint(cfg, base) != settings_fingerprint(other, base)
+    assert settings_fingerprint(cfg, base) == settings_fingerprint(threads, base)
+    assert settings_fingerprint(cfg, base) != settings_fingerprint(cfg, base.model_copy(update={"key": "models/d"}))
