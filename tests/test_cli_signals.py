@@ -29,6 +29,19 @@ def _port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+def _popen_with_sigint(args: list[str], **kw) -> subprocess.Popen:
+    """Popen with SIGINT caught in this process while it starts: a caught signal is reset
+    to its default in the child at exec, as in a terminal. A suite started in the
+    background by a non-interactive shell (`cmd &`) has SIGINT *ignored*, which the child
+    would inherit, and Python then never raises KeyboardInterrupt: the test would measure
+    the launcher's shell, not merit."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen(args, **kw)
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
 @pytest.mark.parametrize("target,sig", [("process", signal.SIGTERM), ("group", signal.SIGINT)])
 def test_signal_stops_the_run_and_its_server(tmp_path, tiny_model_dir, target, sig):
     cfg = tiny_config(tmp_path, tiny_model_dir, train={"epochs": 100})  # branches train for a while
@@ -36,8 +49,8 @@ def test_signal_stops_the_run_and_its_server(tmp_path, tiny_model_dir, target, s
     config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), MERIT_CACHE_DIR=str(tmp_path / "cache"))
-    proc = subprocess.Popen([sys.executable, "-m", "merit_cli.main", "run", str(config)], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = _popen_with_sigint([sys.executable, "-m", "merit_cli.main", "run", str(config)], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     port, training, seen = None, False, []
     try:
         sel = selectors.DefaultSelector()

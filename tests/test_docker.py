@@ -273,7 +273,7 @@ def test_branches_in_containers_merge_to_the_in_process_weights(stack):
     assert ref.state.is_completed(), (ref.state, stack.logs())
     # every branch in its own container of merit-branch/docker-cpu
     t0 = time.monotonic()
-    run = stack.run_full("merit/full", config, ["run.branch_execution=deployment",
+    run = stack.run_full("merit/full", config, ["run.branch_execution=deployment", "run.rerun=full",
                                                 "run.branch_deployment=merit-branch/docker-cpu"])
     stack.timings["docker run (e2e)"] = time.monotonic() - t0
     assert run.state.is_completed(), (run.state, stack.logs())
@@ -305,7 +305,7 @@ def test_killed_branch_container_is_retried_and_resumes_from_its_checkpoint(stac
     with temporary_settings(updates={PREFECT_API_URL: stack.url}):
         parent = run_deployment("merit/full-fast-retry", timeout=0, parameters={
             "config_path": str(config),
-            "overrides": ["run.branch_execution=deployment", "run.branch_deployment=merit-branch/docker-cpu"]})
+            "overrides": ["run.branch_execution=deployment", "run.rerun=full", "run.branch_deployment=merit-branch/docker-cpu"]})
     prefix = f"merit/runs/docker-kill-{str(parent.id)[:8]}/merit/branches/0-checkpoints/"
     # wait until branch 0 has a checkpoint in S3, then kill its container
     t0, killed = time.monotonic(), None
@@ -344,7 +344,7 @@ def test_unstartable_image_fails_the_parent_naming_the_image(stack):
     config = stack.config("docker-missing", stack.model_dir, steps=2, save_steps=100)
     t0 = time.monotonic()
     run = stack.run_full("merit/full-fast-retry", config, [
-        "run.branch_execution=deployment", "run.branch_deployment=merit-branch/docker-missing-image"])
+        "run.branch_execution=deployment", "run.rerun=full", "run.branch_deployment=merit-branch/docker-missing-image"])
     stack.timings["missing image: parent failed after"] = time.monotonic() - t0
     assert run.state.is_failed(), (run.state, stack.logs())
     message = run.state.message or ""

@@ -176,7 +176,7 @@ def test_plan_lines_name_branches_as_their_flow_runs(caplog):
                    loss_tokens=5) for n, t in (("a", 16), ("b", 8))])
     cfg = MeritConfig.model_validate({"train": {"batch_size": 8}})
     with caplog.at_level("INFO", logger="merit.branches"):
-        _log_plan(cfg, mixture, [["a"], ["b"]], "run-1a2b3c4d", "merit")
+        _log_plan(cfg, mixture, [["a"], ["b"]], "run-1a2b3c4d", "merit", [0, 1])
     assert "run-1a2b3c4d-merit-branch-0 (1 of 2): a — 16 examples, 2 steps" in caplog.messages
     assert "run-1a2b3c4d-merit-branch-1 (2 of 2): b — 8 examples, 1 steps" in caplog.messages
 
