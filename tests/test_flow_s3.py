@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from merit_core.config import MeritConfig
 from merit_core.pipeline.base import prepare_base
 from merit_core.pipeline.branches import train_branch
-from merit_core.pipeline.layout import branch_key
+from merit_core.pipeline.layout import SPLIT_STATE_INDEX_KEY, branch_key
 from merit_core.pipeline.mixture import resolve_mixture
 from merit_core.store import open_store
 from tests.helpers import write_jsonl_sources
@@ -93,7 +93,7 @@ def test_branch_killed_after_checkpoint_resumes_on_new_worker(s3_config, tmp_pat
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
     proc = subprocess.run([sys.executable, str(script), str(files["cfg"]), str(files["base"]),
                            str(files["mixture"]), json.dumps(sources)], env=env, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, check=False)
     assert proc.returncode == -9, proc.stderr[-2000:]
     key = branch_key("run1", "merit", 0)
     assert not store.is_complete(key)
@@ -113,13 +113,20 @@ def test_branch_killed_after_checkpoint_resumes_on_new_worker(s3_config, tmp_pat
     assert store.list_complete(key + "-checkpoints") == []
 
 
-def test_merit_flow_with_s3_store(s3_config):
+def test_merit_flow_with_s3_store(s3_config, tmp_path):
     from prefect.testing.utilities import prefect_test_harness
 
     from flows.merit import merit
 
+    # a fifth source for the incremental rerun (the first four files are rewritten unchanged)
+    specs = write_jsonl_sources(tmp_path / "data", [*SOURCES, "epsilon"], n=30)
+    grown = s3_config.model_copy(update={
+        "data": s3_config.data.model_copy(update={"sources": s3_config.data.sources + [
+            type(s3_config.data.sources[0]).model_validate(specs[-1])]}),
+        "run": s3_config.run.model_copy(update={"rerun": "incremental"})})
     with prefect_test_harness(server_startup_timeout=120):
         report = merit(config=s3_config)
+        second = merit(config=grown)
     store = open_store(s3_config.store)
     assert report["report_uri"].startswith("s3://")
     merged_key = report["models"]["merit"]["key"]
@@ -131,3 +138,20 @@ def test_merit_flow_with_s3_store(s3_config):
     assert len(report["branches"]["merit"]) == 2
     secret = os.environ["AWS_SECRET_ACCESS_KEY"]
     assert secret not in json.dumps(report)
+
+    # The rerun found the first run through the store's split-state index on S3 and
+    # retrained only the group epsilon joined; the other branch is the first run's, unmoved.
+    index = store.get_json(SPLIT_STATE_INDEX_KEY)["states"]
+    assert [e["run_id"] for entries in index.values() for e in entries] == [report["run_id"], second["run_id"]]
+    rerun = second["rerun"]
+    assert rerun["mode"] == "incremental" and rerun["previous_run"] == report["run_id"]
+    assert rerun["added"] == ["epsilon"]
+    joined = rerun["placed"]["epsilon"]
+    rows = {r["index"]: r for r in rerun["branches"]}
+    assert rows[joined]["action"] == "retrained" and rows[joined]["from_run"] == second["run_id"]
+    old = {b["index"]: b for b in report["branches"]["merit"]}
+    new = {b["index"]: b for b in second["branches"]["merit"]}
+    kept = 1 - joined
+    assert rows[kept]["action"] == "reused" and new[kept]["key"] == old[kept]["key"]
+    assert "epsilon" in new[joined]["sources"] and sorted(new[kept]["sources"]) == sorted(old[kept]["sources"])
+    assert not store.is_complete(branch_key(second["run_id"], "merit", kept))

@@ -21,7 +21,9 @@ sources and their top-r scores in the new C exceeds ``run.resplit_angle_deg``
 not ``pca``, r = 0, a group would be left empty, or an old sketch is gone.
 
 After the branches are committed, :func:`save_split_state` stores what the next
-incremental run needs (``runs/<run-id>/merit/split-state``, complete with its manifest).
+incremental run needs (``runs/<run-id>/merit/split-state``, complete with its manifest)
+and adds it to the store's split-state index (``index/split-states.json``), so finding
+the previous run reads two small objects whatever the size of the store.
 """
 
 from __future__ import annotations
@@ -41,11 +43,11 @@ from merit_core.conflict.matrix import conflict_matrix
 from merit_core.fanout import FANOUT_FIELDS
 from merit_core.pipeline.branches import read_branch
 from merit_core.pipeline.conflict import load_sketch
-from merit_core.pipeline.layout import split_state_key
+from merit_core.pipeline.layout import SPLIT_STATE_INDEX_KEY, split_state_key
 from merit_core.pipeline.partition import partition_sources
 from merit_core.refs import BranchRef, ConflictMatrix, MixtureRef, ModelRef, Partition, SketchRef
 from merit_core.split.placement import SplitAxes, fit_axes, max_principal_angle_deg
-from merit_core.store import ArtifactStore, StoreError
+from merit_core.store import ArtifactStore, ObjectNotFoundError, StoreError
 
 logger = logging.getLogger("merit")
 
@@ -110,8 +112,44 @@ def settings_fingerprint(cfg: MeritConfig, base: ModelRef) -> str:
 
 def find_previous_state(store: ArtifactStore, fingerprint: str, exclude_run: str) -> SplitState | None:
     """The newest complete split state in the store with ``fingerprint`` (runs other than
-    ``exclude_run``), or None."""
-    best: SplitState | None = None
+    ``exclude_run``), or None.
+
+    Reads the split-state index (:data:`merit_core.pipeline.layout.SPLIT_STATE_INDEX_KEY`,
+    one small object) and then only the candidate states, newest first; a store written
+    before the index existed is listed once and the index built from what is found. An
+    entry whose state is gone (``merit gc``) or unreadable is skipped with a warning."""
+    index = _read_state_index(store)
+    for entry in sorted(index.get(fingerprint, []), key=lambda e: -e["created_at"]):
+        if entry["run_id"] == exclude_run:
+            continue
+        key = entry["key"]
+        try:
+            if not store.is_complete(key):
+                raise ObjectNotFoundError(f"{store.uri_for(key)} is not complete")
+            state = SplitState.model_validate(store.get_json(f"{key}/{STATE_FILE}"))
+        except ObjectNotFoundError:
+            logger.info("split state of run %s is gone (collected?); skipped", entry["run_id"])
+            continue
+        except (StoreError, ValueError) as e:
+            logger.warning("split state %s unreadable (%s); ignored", store.uri_for(key), e)
+            continue
+        if state.fingerprint == fingerprint:
+            return state
+    return None
+
+
+def _read_state_index(store: ArtifactStore) -> dict[str, list[dict]]:
+    """fingerprint -> [{run_id, key, created_at}] from the store's split-state index; built
+    once from a listing of ``runs/`` when the store has none (a store from before it)."""
+    try:
+        raw = store.get_json(SPLIT_STATE_INDEX_KEY)
+        return {fp: list(entries) for fp, entries in raw.get("states", {}).items()}
+    except ObjectNotFoundError:
+        pass
+    except (StoreError, ValueError, AttributeError) as e:
+        logger.warning("split-state index %s unreadable (%s); rebuilt from a listing of runs/",
+                       store.uri_for(SPLIT_STATE_INDEX_KEY), e)
+    index: dict[str, list[dict]] = {}
     for key in store.list_complete("runs"):
         if not key.endswith("/merit/split-state"):
             continue
@@ -120,10 +158,19 @@ def find_previous_state(store: ArtifactStore, fingerprint: str, exclude_run: str
         except (StoreError, ValueError) as e:
             logger.warning("split state %s unreadable (%s); ignored", store.uri_for(key), e)
             continue
-        if state.fingerprint == fingerprint and state.run_id != exclude_run and (
-                best is None or state.created_at > best.created_at):
-            best = state
-    return best
+        index.setdefault(state.fingerprint, []).append(
+            {"run_id": state.run_id, "key": key, "created_at": state.created_at})
+    store.put_json(SPLIT_STATE_INDEX_KEY, {"version": 1, "states": index})
+    return index
+
+
+def _index_state(store: ArtifactStore, state: SplitState, key: str) -> None:
+    """Add a committed split state to the index (read-modify-write: two runs committing at
+    the same instant may drop one entry, which only makes a later run split afresh)."""
+    index = _read_state_index(store)
+    entries = [e for e in index.get(state.fingerprint, []) if e["run_id"] != state.run_id]
+    index[state.fingerprint] = [*entries, {"run_id": state.run_id, "key": key, "created_at": state.created_at}]
+    store.put_json(SPLIT_STATE_INDEX_KEY, {"version": 1, "states": index})
 
 
 def _full(cfg: MeritConfig, fresh: Partition, conflict: ConflictMatrix, sketches: Sequence[SketchRef],
@@ -253,7 +300,9 @@ def save_split_state(cfg: MeritConfig, store: ArtifactStore, base: ModelRef, mix
     key = split_state_key(run_id)
     staging = store.staging_dir(key)
     (staging / STATE_FILE).write_text(state.model_dump_json(indent=2))
-    return store.commit_dir(key, staging, metadata={"kind": "split-state"})
+    uri = store.commit_dir(key, staging, metadata={"kind": "split-state"})
+    _index_state(store, state, key)
+    return uri
 
 
 def trained_in(ref: BranchRef) -> str:

@@ -12,6 +12,7 @@ runs/<run-id>/<label>/branches/<k>/               θ_k of branch k
 runs/<run-id>/<label>/branches/<k>-checkpoints/   Trainer checkpoints while k trains
 runs/<run-id>/<label>/merged/                     the merged model
 runs/<run-id>/merit/split-state/                  what an incremental run reuses (split-state.json)
+index/split-states.json                           fingerprint -> the runs' split states (lookup without a listing)
 runs/<run-id>/report/                             report.md/json and PNGs of a run or study
 runs/<study-id>/seeds/<index>/                    record.json of one finished study seed
 ```
@@ -79,6 +80,12 @@ def split_state_key(run_id: str) -> str:
     """``runs/<run-id>/merit/split-state``: PCA axes, thresholds, groups and branches of a
     run whose branches are committed (merit_core.pipeline.incremental)."""
     return safe_key("runs", run_id, "merit", "split-state")
+
+
+SPLIT_STATE_INDEX_KEY = "index/split-states.json"
+"""Store key of the split-state index: ``{"version": 1, "states": {fingerprint: [entry, ...]}}``
+(merit_core.pipeline.incremental), so an incremental run finds its previous run with one
+read instead of a listing of every object under ``runs/``."""
 
 
 def report_key(run_id: str) -> str:
