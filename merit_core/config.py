@@ -167,6 +167,13 @@ class EvalConfig(StrictModel):
     diagnostics: bool = Field(
         False, description="Merge-readiness diagnostics in the report (paper appendix B): LMC barrier between "
         "each branch and the merged model, loss under Gaussian weight noise, displacement contraction.")
+    diagnostics_examples: int = Field(
+        32, ge=1, description="Held-out examples the diagnostics' losses are measured on (taken in turn from "
+        "each source). Each loss is one forward pass over them; the stage makes K·(lmc_points − 1) + 8 passes "
+        "(4 fewer without the joint model).")
+    lmc_points: int = Field(
+        21, ge=2, description="Points on each linear path θ_k → θ̄ for the LMC barrier, end points included "
+        "(paper: 21). Fewer points see a narrower barrier less precisely; 5 checks α = 0, ¼, ½, ¾, 1.")
 
     @field_validator("benchmarks")
     @classmethod

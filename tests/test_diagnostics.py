@@ -234,6 +234,13 @@ def test_lmc_barrier_endpoints_midpoint_and_restore(vocab, examples, tmp_path):
     # the caller's model is unchanged
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+    # a known L(θ_b) skips that pass and gives the same path (the end point is used as given)
+    known = lmc_barrier(model, a.state_dict(), b.state_dict(), examples, PAD, points=5, batch_size=2,
+                        loss_b=out["loss_b"])
+    assert known == out
+    shifted = lmc_barrier(model, a.state_dict(), b.state_dict(), examples, PAD, points=5, batch_size=2,
+                          loss_b=out["loss_b"] + 1.0)
+    assert shifted["losses"][:-1] == out["losses"][:-1] and shifted["loss_b"] == out["loss_b"] + 1.0
 
 
 def test_lmc_barrier_identical_endpoints_and_dirs(vocab, examples, tmp_path):
@@ -260,6 +267,9 @@ def test_noise_flatness_zero_sigma_seeded_and_restored(vocab, examples):
     assert out["sigmas"] == [0.0, 0.05, 0.5] and out["relative"] is True
     again = noise_flatness(model, examples, PAD, sigmas=(0.0, 0.05, 0.5), seed=3, batch_size=2)
     assert again == out
+    given = noise_flatness(model, examples, PAD, sigmas=(0.0, 0.05, 0.5), seed=3, batch_size=2,
+                           base_loss=out["base_loss"])
+    assert given == out  # a known base loss skips that pass only
     other = noise_flatness(model, examples, PAD, sigmas=(0.5,), seed=4)
     assert other["losses"][0] != out["losses"][2]
     absolute = noise_flatness(model, examples, PAD, sigmas=(0.5,), seed=3, relative=False)

@@ -140,7 +140,8 @@ def test_added_source_retrains_only_its_group(harness, tmp_path, tiny_model_dir,
 
     # (a) a fifth source: auto mode (threshold 90°, so the structure check cannot veto) is incremental
     cfg = _config(tmp_path, tiny_model_dir, NAMES, resplit_angle_deg=90.0)
-    cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"diagnostics": True})})
+    cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"diagnostics": True, "lmc_points": 5,
+                                                                     "diagnostics_examples": 6})})
     second = merit(config=cfg)
     rerun = second["rerun"]
     assert rerun["mode"] == "incremental" and rerun["previous_run"] == first["run_id"]
@@ -179,6 +180,8 @@ def test_added_source_retrains_only_its_group(harness, tmp_path, tiny_model_dir,
     assert "## Merge-readiness diagnostics" in md and "barrier" in md
     d = second["diagnostics"]
     assert len(d["lmc"]) == 2 and all(x["barrier"] >= 0 for x in d["lmc"])
+    assert d["examples"] == 6 and d["points"] == 5 and all(len(x["losses"]) == 5 for x in d["lmc"])
+    assert len({x["loss_merged"] for x in d["lmc"]}) == 1 == len({d["noise"]["merged"]["base_loss"], d["lmc"][0]["loss_merged"]})
     assert d["contraction"]["contraction_ratio"] <= 1 + 1e-9 and d["contraction"]["identity_rel_error"] < 1e-6
     assert d["contraction"]["merged_residual_sq"] < 1e-6 * d["contraction"]["mean_sq_norm"]
     assert any(t["stage"] == "merge-readiness diagnostics" for t in second["timings"])

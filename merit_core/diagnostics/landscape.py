@@ -100,6 +100,8 @@ def lmc_barrier(
     pad_token_id: int,
     points: int = 21,
     batch_size: int = 8,
+    *,
+    loss_b: float | None = None,
 ) -> dict:
     """Linear-mode-connectivity loss barrier on the path θ_a → θ_b (spec; paper: 21 points).
 
@@ -116,6 +118,8 @@ def lmc_barrier(
             from a state keep the model's value.
         examples: tokenized examples (loss on response tokens).
         points: number of α values (≥ 2).
+        loss_b: L(θ_b) on ``examples`` when the caller already measured it (e.g. θ̄ at
+            the end of every branch's path); that pass is then skipped.
 
     Returns:
         dict: ``alphas`` (list), ``losses`` (nats/token), ``excess`` (L(α) minus the
@@ -142,7 +146,8 @@ def lmc_barrier(
                     t.copy_(tb)
                 else:
                     t.copy_(torch.lerp(ta, tb, alpha))
-            losses.append(mean_response_loss(model, examples, pad_token_id, batch_size))
+            known = alpha == 1.0 and loss_b is not None
+            losses.append(float(loss_b) if known else mean_response_loss(model, examples, pad_token_id, batch_size))
     la, lb = losses[0], losses[-1]
     excess = [loss - ((1 - al) * la + al * lb) for al, loss in zip(alphas, losses)]
     return {"alphas": alphas, "losses": losses, "excess": excess, "barrier": max(excess), "loss_a": la, "loss_b": lb}
@@ -171,6 +176,7 @@ def noise_flatness(
     relative: bool = True,
     draws: int = 1,
     batch_size: int = 8,
+    base_loss: float | None = None,
 ) -> dict:
     """Loss increase under Gaussian weight noise (spec "flatness"), weights restored after.
 
@@ -184,6 +190,8 @@ def noise_flatness(
 
     Args:
         sigmas: noise levels (≥ 0). draws: noise samples averaged per σ (≥ 1).
+        base_loss: the model's loss on ``examples`` without noise when the caller already
+            measured it; that pass is then skipped.
 
     Returns:
         dict: ``base_loss`` (nats/token), ``sigmas``, ``losses`` (mean over draws per σ),
@@ -201,7 +209,8 @@ def noise_flatness(
     params = [t for _, t in _named_tensors(model, include_buffers=False)]
     with _Restore(model) as snap:
         originals = {id(t): c for t, c in snap.saved}
-        base_loss = mean_response_loss(model, examples, pad_token_id, batch_size)
+        if base_loss is None:
+            base_loss = mean_response_loss(model, examples, pad_token_id, batch_size)
         sums = [0.0] * len(sigmas)
         for d in range(draws):
             for k, sigma in enumerate(sigmas):

@@ -1,12 +1,13 @@
 """Stage *merge-readiness diagnostics* (paper appendix B; MERIT_SPEC "Theory the
 diagnostics compute"), switched on by ``eval.diagnostics``.
 
-On a small fixed sample of held-out examples (:data:`DIAGNOSTIC_EXAMPLES`, spread over
-the sources), for the MERIT branches θ_k, the merged θ̄ and (when trained) the joint
+On a small fixed sample of held-out examples (``eval.diagnostics_examples``, taken in
+turn from each source), for the MERIT branches θ_k, the merged θ̄ and (when trained) the joint
 model:
 
-- the linear-mode-connectivity loss barrier on each path θ_k → θ̄, 21 points
-  (:func:`merit_core.diagnostics.lmc_barrier`; paper: 0.0 on all paths);
+- the linear-mode-connectivity loss barrier on each path θ_k → θ̄ at ``eval.lmc_points``
+  points (:func:`merit_core.diagnostics.lmc_barrier`; paper: 21 points, barrier 0.0 on all
+  paths);
 - the merge gain G = Σ w_k L(θ_k) − L(θ̄) from the path end points
   (:func:`merit_core.diagnostics.merge_gain`);
 - the loss increase under Gaussian weight noise σ ∈ {0.01, 0.05, 0.1} (relative to
@@ -14,6 +15,11 @@ model:
 - displacement contraction: Σ w_k ||δ_k||² = ||δ̄||² + Σ w_k ||δ_k − δ̄||², the ratio
   ||δ̄|| / sqrt(Σ w_k ||δ_k||²) ≤ 1 and ||θ_joint − θ(0)|| / ||θ̄ − θ(0)|| (paper Table 1:
   2.43–2.92) (:func:`merit_core.diagnostics.contraction`).
+
+Cost: L(θ̄) is measured once and reused as every path's end point and as the noise
+baseline, so the stage makes K·(points − 1) + 1 forward passes over the sample for the
+paths and 3 + 4 for the noise (merged, joint), on float32 weights
+(docs/incremental.md gives measured times).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import logging
 import time
 from collections.abc import Sequence
 
+from merit_core.batching import mean_response_loss
 from merit_core.config import MeritConfig
 from merit_core.diagnostics import contraction, lmc_barrier, merge_gain, noise_flatness
 from merit_core.evaluate.inputs import pad_token_id
@@ -32,9 +39,6 @@ from merit_core.store import ArtifactStore
 
 logger = logging.getLogger("merit")
 
-DIAGNOSTIC_EXAMPLES = 32
-"""Held-out examples the losses are measured on (the first ones of each source, in turn)."""
-LMC_POINTS = 21
 SIGMAS = (0.01, 0.05, 0.1)
 
 
@@ -60,7 +64,7 @@ def merge_readiness(cfg: MeritConfig, store: ArtifactStore, base: ModelRef, bran
     examples = []
     for i in range(max((len(p) for p in per_source), default=0)):
         examples += [p[i] for p in per_source if i < len(p)]
-    examples = examples[:DIAGNOSTIC_EXAMPLES]
+    examples = examples[:cfg.eval.diagnostics_examples]
     if not examples:
         raise ValueError("merge_readiness: the mixture has no held-out examples")
     ordered = sorted(branches, key=lambda b: b.index)
@@ -69,13 +73,14 @@ def merge_readiness(cfg: MeritConfig, store: ArtifactStore, base: ModelRef, bran
     weights = [float(b.trained_tokens) for b in ordered]
     model, tokenizer = load_model(merged_dir, dtype=cfg.model.dtype)
     pad = pad_token_id(tokenizer)
-    bs = cfg.eval.batch_size
+    bs, points = cfg.eval.batch_size, cfg.eval.lmc_points
+    merged_loss = mean_response_loss(model, examples, pad, bs)  # every path's end point, the noise baseline
     lmc = []
     for b, d in zip(ordered, branch_dirs):
-        res = lmc_barrier(model, d, merged_dir, examples, pad, points=LMC_POINTS, batch_size=bs)
+        res = lmc_barrier(model, d, merged_dir, examples, pad, points=points, batch_size=bs, loss_b=merged_loss)
         lmc.append({"index": b.index, "barrier": res["barrier"], "loss_branch": res["loss_a"],
                     "loss_merged": res["loss_b"], "losses": res["losses"]})
-    noise = {"merged": noise_flatness(model, examples, pad, SIGMAS, batch_size=bs)}
+    noise = {"merged": noise_flatness(model, examples, pad, SIGMAS, batch_size=bs, base_loss=merged_loss)}
     joint_dir = None
     if joint is not None:
         joint_dir = store.fetch_dir(joint.key)
@@ -88,14 +93,15 @@ def merge_readiness(cfg: MeritConfig, store: ArtifactStore, base: ModelRef, bran
     seconds = time.perf_counter() - t0
     logger.info("merge-readiness diagnostics on %d examples in %.1f s: max LMC barrier %.4f, merge gain %.4f",
                 len(examples), seconds, max(x["barrier"] for x in lmc), gain)
-    return {"examples": len(examples), "lmc": lmc, "merge_gain": gain, "noise": noise, "contraction": contr,
+    return {"examples": len(examples), "points": points, "lmc": lmc, "merge_gain": gain, "noise": noise, "contraction": contr,
             "seconds": seconds}
 
 
 def readiness_markdown(d: dict) -> str:
     """The report section of :func:`merge_readiness`."""
     lines = [f"On {d['examples']} held-out examples, {d['seconds']:.0f} s (paper appendix B).", "",
-             f"Linear-mode connectivity θ_k → θ̄ ({LMC_POINTS} points; paper: barrier 0.0 on every path):", "",
+             (f"Linear-mode connectivity θ_k → θ̄ ({d.get('points', 21)} points; paper: 21, barrier 0.0 on "
+              "every path):"), "",
              "| branch | L(θ_k) | L(θ̄) | barrier |", "|---:|---:|---:|---:|"]
     lines += [f"| {x['index']} | {x['loss_branch']:.4f} | {x['loss_merged']:.4f} | {x['barrier']:.4f} |"
               for x in d["lmc"]]
@@ -104,7 +110,7 @@ def readiness_markdown(d: dict) -> str:
               "| model | loss | " + " | ".join(f"σ = {s:g}" for s in SIGMAS) + " |",
               "|---|---:|" + "---:|" * len(SIGMAS)]
     for label, n in d["noise"].items():
-        lines.append(f"| {label} | {n['base_loss']:.4f} | " + " | ".join(f"+{x:.4f}" for x in n["increase"]) + " |")
+        lines.append(f"| {label} | {n['base_loss']:.4f} | " + " | ".join(f"{x:+.4f}" for x in n["increase"]) + " |")
     c = d["contraction"]
     lines += ["", f"Displacement contraction: ||δ̄|| / sqrt(Σ w_k ||δ_k||²) = {c['contraction_ratio']:.3f} "
               f"(≤ 1; identity error {c['identity_rel_error']:.1e})"
