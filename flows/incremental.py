@@ -9,9 +9,10 @@ the forecast and the merge-readiness diagnostics (docs/incremental.md).
 - :func:`report_sections`: the forecast, incremental and diagnostics report sections.
 """
 
-from flows.branches import run_branches
+from flows.baselines import train_or_reuse
 from flows.common import run_logger
 from merit_core.config import MeritConfig
+from merit_core.pipeline.baselines_rerun import BaselinePlan, baselines_markdown, with_baselines
 from merit_core.pipeline.incremental import RerunPlan, rerun_markdown, rerun_summary
 from merit_core.pipeline.readiness import readiness_markdown
 from merit_core.refs import BranchRef, ConflictMatrix, MixtureRef, ModelRef, SketchRef
@@ -38,13 +39,8 @@ def train_planned_branches(config: MeritConfig, base: ModelRef, mixture: Mixture
     """The MERIT branches of ``plan`` in group order: the retrained groups trained now
     (flows/branches.py, from θ(0)), the others reused from the store; then the split state
     is committed for the next incremental run."""
-    groups = plan.partition.groups
-    trained = run_branches(config, base, mixture, [groups[k] for k in plan.retrain], run_id, "merit",
-                           indices=plan.retrain) if plan.retrain else []
-    for k, ref in sorted(plan.reuse.items()):
-        run_logger("merit.incremental").info("branch merit/%d reused from %s (%s)", k, ref.uri,
-                                             ", ".join(ref.sources))
-    branches = sorted([*plan.reuse.values(), *trained], key=lambda b: b.index)
+    branches = train_or_reuse(config, base, mixture, plan.partition.groups, plan.retrain, plan.reuse, run_id,
+                              "merit")
     save_split_state_task(config, base, mixture, plan, branches, run_id)
     return branches
 
@@ -59,12 +55,16 @@ def readiness(config: MeritConfig, base: ModelRef, models: dict[str, ModelRef], 
         return merge_readiness_task(config, base, branches, models["merit"], mixture, models.get("joint"))
 
 
-def report_sections(plan: RerunPlan, branches: list[BranchRef], diagnostics: dict | None, extra: dict) -> dict:
+def report_sections(plan: RerunPlan, branches: dict[str, list[BranchRef]], diagnostics: dict | None, extra: dict,
+                    baselines: list[BaselinePlan] | None = None) -> dict:
     """``sections`` (title, markdown) and ``extra`` (report.json keys: ``extra`` plus
-    ``rerun``, ``forecast``, ``diagnostics``), as keyword arguments of ``report_task``."""
-    summary = rerun_summary(plan, branches)
+    ``rerun``, ``forecast``, ``diagnostics``), as keyword arguments of ``report_task``.
+    ``branches``: label -> branches (merit, and the baselines of ``baselines``, listed
+    in the incremental section beside MERIT's)."""
+    summary = with_baselines(rerun_summary(plan, branches["merit"]), baselines or [], branches)
     sections = [("Forecast before training", forecast_markdown(plan.forecast))] if plan.forecast else []
-    sections.append(("Incremental run" if plan.mode == "incremental" else "Rerun mode", rerun_markdown(summary)))
+    md = "\n\n".join(filter(None, [rerun_markdown(summary), baselines_markdown(summary)]))
+    sections.append(("Incremental run" if plan.mode == "incremental" else "Rerun mode", md))
     if diagnostics is not None:
         sections.append(("Merge-readiness diagnostics", readiness_markdown(diagnostics)))
     return {"sections": sections,

@@ -6,12 +6,11 @@ Every step is a Prefect task (tasks/) around one stage of merit_core.pipeline.""
 
 from prefect import flow, get_run_logger
 
-from flows.branches import run_branches
+from flows.baselines import train_baselines
 from flows.common import merit_run_name, resolve_config, run_id, stage_timer, tracked
 from flows.gradients import run_source_gradients
 from flows.incremental import plan_split, readiness, report_sections, train_planned_branches
 from merit_core.config import MeritConfig
-from merit_core.refs import ModelRef
 from tasks import (
     conflict_task,
     evaluate_benchmarks_task,
@@ -21,7 +20,6 @@ from tasks import (
     report_task,
     resolve_benchmarks_task,
     resolve_mixture_task,
-    split_task,
 )
 from tasks.resume import claim_run_task, finish_run_task
 
@@ -67,16 +65,11 @@ def merit(config_path: str | None = None, overrides: list[str] | None = None,
     with stage("merge"):  # 5. One-shot token-weighted merge.
         models = {"base": base, "merit": merge_task(config, base, branches["merit"], run, "merit")}
 
-    # Baselines: joint training (K = 1, same data) and a random split merged the same way.
-    if config.baselines.joint:
-        with stage("train joint baseline"):
-            branches["joint"] = run_branches(config, base, mixture, [mixture.names], run, "joint")
-            models["joint"] = ModelRef(key=branches["joint"][0].key, uri=branches["joint"][0].uri, label="joint")
-    if config.baselines.random_split and plan.partition.k > 1:
-        with stage("train random-split baseline"):
-            rnd = split_task(config, conflict, mixture, strategy="random")
-            branches["random"] = run_branches(config, base, mixture, rnd.groups, run, "random")
-            models["random"] = merge_task(config, base, branches["random"], run, "random")
+    # Baselines: joint training (K = 1, same data) and a random split merged the same way; an incremental
+    # run reuses the previous run's baseline branches whose sources did not change.
+    baselines = train_baselines(config, base, mixture, conflict, plan, run, stage)
+    branches |= baselines.branches
+    models |= baselines.models
 
     # 6. Evaluate every model on the held-out part of every source, and on out-of-mixture
     # benchmarks (eval.benchmarks) that no branch trained on.
@@ -94,7 +87,7 @@ def merit(config_path: str | None = None, overrides: list[str] | None = None,
     extra = {"models": {k: v.model_dump() for k, v in models.items()}, "config_source": config_source}
     report = report_task(config, run, mixture=mixture, conflict=conflict, partition=plan.partition, tables=tables,
                          branches=branches, timings=timings, benchmarks=benchmarks,
-                         **report_sections(plan, branches["merit"], diagnostics, extra))
+                         **report_sections(plan, branches, diagnostics, extra, baselines.plans))
     finish_run_task(config, run)  # its local work directories go
     log.info("report: %s", report["report_uri"])
     return report

@@ -89,6 +89,34 @@ def test_forecast_scores_candidates_with_the_split_score():
     assert f["explained_variance_ratio"][1] > 1 / 15 > f["explained_variance_ratio"][2] and f["suggested_r"] == 2
 
 
+def test_random_placement_extends_random_split_balanced_and_seeded():
+    from merit_core.split.baselines import random_placement
+
+    rng = np.random.default_rng(5)
+    w = rng.uniform(1, 10, size=12)
+    split = random_split(w[:8], 4, seed=2)
+    loads = np.array([w[g].sum() for g in split.groups])
+    seeds = [[2, i] for i in range(8, 12)]
+    placed = random_placement(loads, w[8:], seeds)
+    after = loads.copy()
+    for i, g in enumerate(placed):
+        after[g] += w[8 + i]
+    # balance bound of random_split kept: spread ≤ max(spread before, largest new weight)
+    assert after.max() - after.min() <= max(loads.max() - loads.min(), w[8:].max()) + 1e-12
+    assert random_placement(loads, w[8:], seeds) == placed  # deterministic
+    # by hand: visited in the order of each source's first draw, each to the lightest group
+    load, expect = loads.copy(), [0] * 4
+    for i in np.argsort([np.random.default_rng(s).random() for s in seeds], kind="stable"):
+        expect[i] = int(np.argmin(load))
+        load[expect[i]] += w[8 + i]
+    assert placed == expect
+    # equally light groups: the tie is a seeded draw among them, never a heavier group
+    picks = {random_placement([0.0, 5.0, 0.0], [1.0], [[0, s]])[0] for s in range(20)}
+    assert picks == {0, 2}
+    with pytest.raises(ValueError, match="weights must be > 0"):
+        random_placement([1.0, 2.0], [0.0], [[0, 1]])
+
+
 def test_suggest_r_rule():
     assert suggest_r([0.9, 0.05, 0.03], 16)[0] == 1            # rank-1 conflicts
     assert suggest_r([1 / 15] * 8, 16)[0] == 0                   # isotropic: nothing above 1/(T-1)
@@ -108,7 +136,7 @@ def harness():
         yield
 
 
-def _config(tmp_path, model_dir, names, **run) -> MeritConfig:
+def _config(tmp_path, model_dir, names, baselines: bool = False, **run) -> MeritConfig:
     specs = write_jsonl_sources(tmp_path / "data", NAMES, n=32)
     return MeritConfig.model_validate({
         "run": {"name": "incr", **run},
@@ -119,7 +147,7 @@ def _config(tmp_path, model_dir, names, **run) -> MeritConfig:
         "split": {"r": 1},
         "train": {"learning_rate": 1e-3, "batch_size": 8, "epochs": 1, "save_steps": 50, "logging_steps": 1},
         "eval": {"batch_size": 8, "max_examples_per_source": 4, "max_new_tokens": 2, "generate": False},
-        "baselines": {"joint": False, "random_split": False},
+        "baselines": {"joint": baselines, "random_split": baselines},
         "store": {"uri": str(tmp_path / "store")},
     })
 
@@ -128,18 +156,30 @@ def _files(store, key) -> dict[str, str]:
     return {k: v["sha256"] for k, v in verify_manifest(store / key)["files"].items()}
 
 
+def _assert_token_weighted(store, branches: list[dict], merged_key: str) -> None:
+    """merged = Σ_k N_k θ_k / Σ_j N_j of ``branches``, computed here in float64."""
+    ordered = sorted(branches, key=lambda b: b["index"])
+    n = np.array([b["trained_tokens"] for b in ordered], dtype=np.float64)
+    branch_w = [load_file(store / b["key"] / "model.safetensors") for b in ordered]
+    merged = load_file(store / merged_key / "model.safetensors")
+    assert set(merged) == set(branch_w[0])
+    for name, tensor in merged.items():
+        expect = sum(wk * b[name].astype(np.float64) for wk, b in zip(n / n.sum(), branch_w))
+        np.testing.assert_allclose(tensor, expect, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
 def test_added_source_retrains_only_its_group(harness, tmp_path, tiny_model_dir, monkeypatch):
     monkeypatch.setenv("MERIT_CACHE_DIR", str(tmp_path / "cache"))
     from flows.merit import merit
 
     store = tmp_path / "store"
-    first = merit(config=_config(tmp_path, tiny_model_dir, NAMES[:4]))
+    first = merit(config=_config(tmp_path, tiny_model_dir, NAMES[:4], baselines=True))
     assert first["rerun"]["mode"] == "full" and "no finished run" in first["rerun"]["reason"]
     old = {b["index"]: b for b in first["branches"]["merit"]}
     old_files = {k: _files(store, b["key"]) for k, b in old.items()}
 
     # (a) a fifth source: auto mode (threshold 90°, so the structure check cannot veto) is incremental
-    cfg = _config(tmp_path, tiny_model_dir, NAMES, resplit_angle_deg=90.0)
+    cfg = _config(tmp_path, tiny_model_dir, NAMES, baselines=True, resplit_angle_deg=90.0)
     cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"diagnostics": True, "lmc_points": 5,
                                                                      "diagnostics_examples": 6})})
     second = merit(config=cfg)
@@ -165,17 +205,36 @@ def test_added_source_retrains_only_its_group(harness, tmp_path, tiny_model_dir,
     assert rerun["tokens_total"] == sum(b["trained_tokens"] for b in new.values())
 
     # merged = Σ_k N_k θ_k / Σ_j N_j of the final branches, computed here in float64
-    n = np.array([new[k]["trained_tokens"] for k in sorted(new)], dtype=np.float64)
-    branch_w = [load_file(store / new[k]["key"] / "model.safetensors") for k in sorted(new)]
-    merged = load_file(store / second["models"]["merit"]["key"] / "model.safetensors")
-    assert set(merged) == set(branch_w[0])
-    for name, tensor in merged.items():
-        expect = sum(wk * b[name].astype(np.float64) for wk, b in zip(n / n.sum(), branch_w))
-        np.testing.assert_allclose(tensor, expect, rtol=1e-5, atol=1e-6, err_msg=name)
+    _assert_token_weighted(store, second["branches"]["merit"], second["models"]["merit"]["key"])
+
+    # the baselines: joint retrains (its sources changed); the random groups epsilon did not join are reused
+    assert rerun["baselines"]["joint"]["mode"] == "full" and "added epsilon" in rerun["baselines"]["joint"]["reason"]
+    (joint,) = second["branches"]["joint"]
+    assert joint["key"].startswith(f"runs/{second['run_id']}/joint/") and "epsilon" in joint["sources"]
+    assert rerun["baselines"]["random"]["mode"] == "incremental"
+    joined_r = rerun["baselines"]["random"]["placed"]["epsilon"]
+    old_rnd = {b["index"]: b for b in first["branches"]["random"]}
+    new_rnd = {b["index"]: b for b in second["branches"]["random"]}
+    assert sorted(new_rnd[joined_r]["sources"]) == sorted([*old_rnd[joined_r]["sources"], "epsilon"])
+    assert new_rnd[joined_r]["key"].startswith(f"runs/{second['run_id']}/random/")
+    for k in set(new_rnd) - {joined_r}:
+        assert new_rnd[k]["key"] == old_rnd[k]["key"] and _files(store, new_rnd[k]["key"]) == _files(
+            store, old_rnd[k]["key"])
+        assert not (store / "runs" / second["run_id"] / "random" / "branches" / str(k)).exists()
+    actions = {(r["label"], r["index"]): (r["action"], r["from_run"]) for r in rerun["baseline_branches"]}
+    assert actions[("joint", 0)] == ("retrained", second["run_id"])
+    assert actions[("random", joined_r)] == ("retrained", second["run_id"])
+    assert all(actions[("random", k)] == ("reused", first["run_id"]) for k in set(new_rnd) - {joined_r})
+    assert rerun["baseline_tokens_saved"] == sum(old_rnd[k]["trained_tokens"] for k in old_rnd if k != joined_r)
+    assert rerun["all_tokens_saved"] == rerun["tokens_saved"] + rerun["baseline_tokens_saved"]
+    # the random merge is redone with the new token weights
+    assert second["models"]["random"]["key"] == f"runs/{second['run_id']}/random/merged"
+    _assert_token_weighted(store, second["branches"]["random"], second["models"]["random"]["key"])
 
     # the report says so, with the forecast and the diagnostics
     md = (store / "runs" / second["run_id"] / "report" / "report.md").read_text()
     assert "## Incremental run" in md and f"`{first['run_id']}`" in md and "reused" in md
+    assert "| random |" in md and "| joint |" in md and "MERIT and baselines together" in md
     assert "## Forecast before training" in md and "k-means" in md and "Suggested r" in md
     assert "## Merge-readiness diagnostics" in md and "barrier" in md
     d = second["diagnostics"]
@@ -186,11 +245,31 @@ def test_added_source_retrains_only_its_group(harness, tmp_path, tiny_model_dir,
     assert d["contraction"]["merged_residual_sq"] < 1e-6 * d["contraction"]["mean_sq_norm"]
     assert any(t["stage"] == "merge-readiness diagnostics" for t in second["timings"])
 
-    # (b) forced full mode: the same addition retrains every branch in the new run
-    third = merit(config=_config(tmp_path, tiny_model_dir, NAMES, rerun="full"))
-    assert third["rerun"]["mode"] == "full" and third["rerun"]["tokens_saved"] == 0
-    assert all(r["action"] == "retrained" and r["from_run"] == third["run_id"] for r in third["rerun"]["branches"])
-    assert all(b["key"].startswith(f"runs/{third['run_id']}/") for b in third["branches"]["merit"])
+    # (b) forced full mode: the same addition retrains every branch in the new run, baselines included
+    third = merit(config=_config(tmp_path, tiny_model_dir, NAMES, baselines=True, rerun="full"))
+    r3 = third["rerun"]
+    assert r3["mode"] == "full" and r3["tokens_saved"] == 0 and r3["baseline_tokens_saved"] == 0
+    assert {p["mode"] for p in r3["baselines"].values()} == {"full"}
+    assert all(r["action"] == "retrained" and r["from_run"] == third["run_id"]
+               for r in r3["branches"] + r3["baseline_branches"])
+    assert len(r3["baseline_branches"]) == 3  # joint + 2 random groups
+    assert all(b["key"].startswith(f"runs/{third['run_id']}/") for label in ("merit", "joint", "random")
+               for b in third["branches"][label])
+
+    # (c) the identical config again, incrementally: nothing retrains, joint and random are reused
+    same = merit(config=_config(tmp_path, tiny_model_dir, NAMES, baselines=True, rerun="incremental"))
+    rs = same["rerun"]
+    assert rs["mode"] == "incremental" and rs["previous_run"] == third["run_id"] and rs["added"] == []
+    assert all(r["action"] == "reused" and r["from_run"] == third["run_id"]
+               for r in rs["branches"] + rs["baseline_branches"])
+    assert {p["mode"] for p in rs["baselines"].values()} == {"incremental"} and rs["baselines"]["random"]["placed"] == {}
+    assert rs["all_tokens_saved"] == rs["all_tokens_total"] > 0 and rs["all_saved_fraction"] == 1.0
+    for label in ("merit", "joint", "random"):
+        assert [b["key"] for b in same["branches"][label]] == [b["key"] for b in third["branches"][label]]
+        assert not (store / "runs" / same["run_id"] / label / "branches").exists()
+    assert same["models"]["joint"]["key"] == third["branches"]["joint"][0]["key"]
+    _assert_token_weighted(store, same["branches"]["random"], same["models"]["random"]["key"])
+    assert verify_manifest(store / "runs" / same["run_id"] / "baselines-state")
 
     # a removed source invalidates its group: only that branch retrains
     fourth = merit(config=_config(tmp_path, tiny_model_dir, [n for n in NAMES if n != "beta"], rerun="incremental"))

@@ -12,6 +12,7 @@ runs/<run-id>/<label>/branches/<k>/               θ_k of branch k
 runs/<run-id>/<label>/branches/<k>-checkpoints/   Trainer checkpoints while k trains
 runs/<run-id>/<label>/merged/                     the merged model
 runs/<run-id>/merit/split-state/                  what an incremental run reuses (split-state.json)
+runs/<run-id>/baselines-state/                    the joint / random baselines it reuses (baselines-state.json)
 index/split-states.json                           fingerprint -> the runs' split states (lookup without a listing)
 runs/<run-id>/report/                             report.md/json and PNGs of a run or study
 runs/<study-id>/seeds/<index>/                    record.json of one finished study seed
@@ -86,6 +87,13 @@ SPLIT_STATE_INDEX_KEY = "index/split-states.json"
 """Store key of the split-state index: ``{"version": 1, "states": {fingerprint: [entry, ...]}}``
 (merit_core.pipeline.incremental), so an incremental run finds its previous run with one
 read instead of a listing of every object under ``runs/``."""
+
+
+def baselines_state_key(run_id: str) -> str:
+    """``runs/<run-id>/baselines-state``: sources, content hashes, random groups and branches
+    of a run's joint and random-split baselines, committed after their branches
+    (merit_core.pipeline.baselines_rerun)."""
+    return safe_key("runs", run_id, "baselines-state")
 
 
 def report_key(run_id: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -11,7 +12,7 @@ from merit_core.split.inputs import check_group_count, check_matrix, check_weigh
 from merit_core.split.pca import pca_scores, tie_key
 from merit_core.split.result import SplitResult
 
-__all__ = ["kmeans_split", "random_split"]
+__all__ = ["kmeans_split", "random_placement", "random_split"]
 
 
 def random_split(weights: Any, k: int, seed: int = 0) -> SplitResult:
@@ -39,6 +40,48 @@ def random_split(weights: Any, k: int, seed: int = 0) -> SplitResult:
         load[g] += w[i]
     groups = sorted((sorted(g) for g in groups), key=lambda g: g[0])
     return SplitResult(groups, "random", w)
+
+
+def random_placement(loads: Any, weights: Any, seeds: Sequence[Any]) -> list[int]:
+    """Extend a random balanced split by new sources with :func:`random_split`'s own rule
+    (an incremental run's random-split baseline, docs/incremental.md).
+
+    The new sources are visited in a random order and each joins the currently lightest
+    group, as in :func:`random_split`; the randomness of source i comes from its own
+    generator ``numpy.random.default_rng(seeds[i])`` (its first draw is its place in the
+    order, its second breaks a tie between equally light groups), so the placement of a
+    source does not depend on which others are new. Joining the lightest group keeps the
+    spread of the loads (heaviest − lightest) at most max(spread before, largest new
+    weight): the balance bound of :func:`random_split`.
+
+    Args:
+        loads: (K,) current weight of each group (0 for an empty group).
+        weights: (n,) weight of each new source.
+        seeds: n seeds (anything ``default_rng`` takes), one per new source.
+
+    Returns:
+        n group indices in 0 .. K−1, source i's group at position i.
+
+    Raises:
+        ValueError: bad weights, no group, negative or non-finite loads, or a seed count
+            other than n.
+    """
+    load = np.array(loads, dtype=np.float64).reshape(-1)
+    if load.size == 0 or not np.all(np.isfinite(load)) or np.any(load < 0):
+        raise ValueError(f"random_placement: loads must be K ≥ 1 finite non-negative numbers, got {load.tolist()}")
+    n = len(seeds)
+    if n == 0:
+        return []
+    w = check_weights(weights, n)
+    rngs = [np.random.default_rng(s) for s in seeds]
+    order = np.argsort([r.random() for r in rngs], kind="stable")
+    groups = [0] * n
+    for i in order:
+        lightest = np.flatnonzero(load == load.min())
+        g = int(lightest[0] if lightest.size == 1 else rngs[i].choice(lightest))
+        groups[i] = g
+        load[g] += w[i]
+    return groups
 
 
 def kmeans_split(
