@@ -88,9 +88,8 @@ class SplitConfig(StrictModel):
     """Splitting the sources into K = 2^r groups (spec steps 2–3)."""
 
     r: int = Field(2, ge=0, le=6, description="Number of recursive PCA splits; K = 2^r branches (0: one branch).")
-    strategy: Literal["pca", "random", "kmeans"] = Field(
-        "pca", description="pca (MERIT: recursive weighted-median split along the principal components of C), or "
-        "the baselines random and kmeans.")
+    strategy: Literal["pca", "random", "kmeans"] = Field("pca", description="pca (MERIT: recursive weighted-median "
+                                                         "split along the PCs of C), or the baselines random, kmeans.")
     balance: Literal["samples", "tokens"] = Field(
         "samples", description="What the weighted median balances between groups: examples or loss tokens.")
     seed: int = Field(0, description="Seed of the random and kmeans strategies.")
@@ -164,16 +163,12 @@ class EvalConfig(StrictModel):
         "(every example goes to evaluation). A benchmark overlapping a data source is refused.")
     benchmark_max_examples: int | None = Field(
         64, ge=1, description="At most this many examples per benchmark (seeded sample, data.seed).")
-    diagnostics: bool = Field(
-        False, description="Merge-readiness diagnostics in the report (paper appendix B): LMC barrier between "
-        "each branch and the merged model, loss under Gaussian weight noise, displacement contraction.")
-    diagnostics_examples: int = Field(
-        32, ge=1, description="Held-out examples the diagnostics' losses are measured on (taken in turn from "
-        "each source). Each loss is one forward pass over them; the stage makes K·(lmc_points − 1) + 8 passes "
-        "(4 fewer without the joint model).")
-    lmc_points: int = Field(
-        21, ge=2, description="Points on each linear path θ_k → θ̄ for the LMC barrier, end points included "
-        "(paper: 21). Fewer points see a narrower barrier less precisely; 5 checks α = 0, ¼, ½, ¾, 1.")
+    diagnostics: bool = Field(False, description="Merge-readiness diagnostics in the report (paper appendix B): "
+                              "LMC barriers θ_k → θ̄, loss under weight noise, displacement contraction.")
+    diagnostics_examples: int = Field(32, ge=1, description="Held-out examples of the diagnostics' losses (in turn "
+                                      "from each source); K·(lmc_points − 1) + 8 forward passes over them.")
+    lmc_points: int = Field(21, ge=2, description="Points on each path θ_k → θ̄, end points included (paper: 21; "
+                            "3 checks the midpoint only).")
 
     @field_validator("benchmarks")
     @classmethod
@@ -204,8 +199,7 @@ class BaselinesConfig(StrictModel):
     """Extra models trained in the same run for comparison."""
 
     joint: bool = Field(True, description="Also train one model on the whole mixture (K = 1, same data).")
-    random_split: bool = Field(True, description="Also split the sources at random into K groups, train and "
-                               "merge them like MERIT.")
+    random_split: bool = Field(True, description="Also split the sources at random into K groups, merged like MERIT.")
 
 
 class StudyConfig(StrictModel):
@@ -252,9 +246,8 @@ class RunConfig(StrictModel):
                         "continue (--resume RUN_ID). docs/reliability.md.")
     rerun: Literal["auto", "incremental", "full"] = Field(
         "auto", description="With a finished run of the same settings in the store (docs/incremental.md): auto "
-        "places new sources into its groups and retrains only the groups that changed, unless the conflict "
-        "structure moved more than resplit_angle_deg; incremental always does; full always splits and "
-        "trains every branch again.")
+        "places new sources into its groups and retrains only changed groups, unless the conflict structure "
+        "moved more than resplit_angle_deg; incremental always does; full splits and trains everything again.")
     resplit_angle_deg: float = Field(
         30.0, ge=0, le=90, description="rerun=auto: split again when the largest principal angle between the "
         "finished run's top-r PCA scores and the new ones (its unchanged sources) exceeds this, in degrees.")
